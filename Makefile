@@ -33,7 +33,7 @@ test: $(STAMP)
 export: $(STAMP)
 	$(VENV)/bin/nbdev-export
 clean-nbs: $(STAMP)
-	$(VENV)/bin/nbdev-clean
+	$(PY) tools/nbclean.py
 
 clean:
 	rm -rf _build
