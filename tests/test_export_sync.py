@@ -54,6 +54,8 @@ def test_notebook_is_clean(nb_path):
     from nbclean import clean
     nb = json.loads(nb_path.read_text())
     assert nb == clean(nb), f'{nb_path.name} is not clean: run `make clean-nbs`'
+    kernel = nb['metadata'].get('kernelspec', {})
+    assert kernel.get('language') == 'python', f'{nb_path.name}: kernelspec lacks language python (the book needs a lexer)'
     code = [c for c in nb['cells'] if c['cell_type'] == 'code']
     assert any(c.get('outputs') for c in code), f'{nb_path.name} is stored without outputs'
     assert all(c.get('execution_count') is not None for c in code if c['source']), f'{nb_path.name}: unexecuted cells'
