@@ -19,6 +19,7 @@ import re
 import sys
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,7 +76,11 @@ def build_net(model: dict) -> torch.nn.Module:
 
 def generate(net, seeds, sampler='heun', num_steps=18, class_labels=None, batch=64, **sampler_kwargs):
     """Images (uint8, N x C x H x W) from the EDM sampler, Alg. 2; image i depends only on seeds[i] (and its label)."""
+    from .solvers import SOLVERS
     from .stochastic import StackedRandomGenerator, edm_sampler
+    if sampler in SOLVERS and any(v is not None for v in sampler_kwargs.values()):
+        raise ValueError(f'S_churn / S_min / S_max / S_noise apply to heun and churn only, not to {sampler!r}')
+    sample_fn = SOLVERS[sampler] if sampler in SOLVERS else partial(edm_sampler, **{**SAMPLERS[sampler], **sampler_kwargs})
     p = next(net.parameters())
     shape = (net.model.in_channels, net.model.img_resolution, net.model.img_resolution)
     out = []
@@ -84,8 +89,7 @@ def generate(net, seeds, sampler='heun', num_steps=18, class_labels=None, batch=
         rnd = StackedRandomGenerator(p.device, chunk)
         labels = None if class_labels is None else class_labels[start:start + batch].to(p.device)
         with torch.no_grad():
-            x = edm_sampler(net, rnd.randn([len(chunk), *shape]), labels, randn_like=rnd.randn_like,
-                            num_steps=num_steps, **{**SAMPLERS[sampler], **sampler_kwargs})
+            x = sample_fn(net, rnd.randn([len(chunk), *shape]), labels, randn_like=rnd.randn_like, num_steps=num_steps)
         out.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu())
     return torch.cat(out)
 
@@ -262,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('checkpoint', help='a checkpoint file or a run directory (its latest checkpoint)')
     p.add_argument('--outdir', required=True)
     p.add_argument('--seeds', type=parse_seeds, default=parse_seeds('0-63'), help='e.g. 0-63 (default) or 1,5,10-12')
-    p.add_argument('--sampler', choices=sorted(SAMPLERS), default='heun',
+    p.add_argument('--sampler', choices=sorted(SAMPLERS) + ['dpmpp_2m', 'ipndm', 'ipndm_v', 'unipc'], default='heun',
                    help='heun: deterministic Alg. 1; churn: stochastic Alg. 2 (S_churn 40, S_min 0.05, S_max 50, '
-                        'S_noise 1.003 unless given)')
+                        'S_noise 1.003 unless given); dpmpp_2m, ipndm, ipndm_v, unipc: the multistep solvers of '
+                        'chapter 11 (NFE = steps)')
     p.add_argument('--steps', type=positive_int, default=18, help='num_steps N (default 18: 35 NFE)')
     p.add_argument('--batch', type=positive_int, default=64)
     p.add_argument('--class', dest='class_label', type=nonneg_int, help='class of all images (default: seed % classes)')

@@ -144,6 +144,13 @@ def test_train_resume_info_sample_round_trip(capsys, tmp_path):
     assert np.abs(alone - pngs['000002.png']).max() <= 1  # one seed per image: the batch around it does not matter
     code, _, err = _run(capsys, 'sample', run, '--class', 3, '--outdir', tmp_path / 'c')
     assert code == 1 and '--class 3 given, but the model' in err
+    for solver in ('dpmpp_2m', 'ipndm'):  # the multistep solvers of chapter 11 share the per-seed latents
+        code, _, err = _run(capsys, 'sample', run, '--seeds', '0-3', '--steps', 3, '--sampler', solver,
+                            '--outdir', tmp_path / solver)
+        assert code == 0, err
+        assert sorted(p.name for p in (tmp_path / solver).iterdir()) == sorted(pngs)
+    code, _, err = _run(capsys, 'sample', run, '--sampler', 'ipndm', '--S-churn', 5, '--outdir', tmp_path / 'bad')
+    assert code == 1 and "apply to heun and churn only, not to 'ipndm'" in err
 
 
 def test_info_counts_the_official_parameters(capsys, tmp_path):
