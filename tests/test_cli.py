@@ -15,13 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name('edm-lit')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _run(capsys, *argv):
     """cli.main in this process: (exit status, stdout, stderr); argparse errors become status 2."""

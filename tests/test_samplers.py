@@ -17,14 +17,6 @@ GAUSS = GaussianMixture(torch.tensor([1.0]), torch.tensor([[MU]]), torch.tensor(
 EPS = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The problems are tiny; one thread avoids waking a pool for every 9-element op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def gaussian_exact(eps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
     """Exact N -> inf output for sigma(t) = t: the Gaussian flow to sigma_min, then one Euler step onto D.

@@ -18,14 +18,6 @@ from edm_lit.schedules import (DEFAULT_SIGMA_RANGE, DISCRETIZATIONS, EDM, SCALIN
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny; torch's thread pool only slows them down on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 COMBOS = list(itertools.product(SCHEDULES, SCALINGS))  # every schedule × scaling the ablation sampler allows
 

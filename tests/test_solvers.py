@@ -23,14 +23,6 @@ Z = torch.tensor([[0.7]], dtype=torch.float64)
 SIGMA_0 = 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The problems are tiny; one thread avoids waking a pool for every 9-element op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def quartic(x, sigma, class_labels=None):
     """D = x - sigma (sigma_0 - sigma)^4: dx/dsigma = (sigma_0 - sigma)^4, x_N = x_0 - (sigma_0 - sigma_N)^5 / 5."""

@@ -19,14 +19,6 @@ GAUSS = GaussianMixture(torch.tensor([1.0]), MU[None], torch.tensor([SIGMA_DATA]
 Z = 4.5  # Monte Carlo tolerance, in standard errors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The problems are tiny; one thread avoids waking a pool for every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize('num_steps', [1, 2, 18, 33])
 def test_no_churn_is_algorithm_1_bit_for_bit(num_steps):

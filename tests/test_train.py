@@ -23,14 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).parent / 'train_tiny.py'
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models train several times faster on one thread (and the helper processes use one too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------- EMA and lr ramp-up
 @pytest.mark.parametrize('B, h', [(512, 500_000), (16, 128), (1, 1)])
