@@ -13,15 +13,6 @@ from edm_lit.toy import GaussianMixture, ring_mixture
 F64 = torch.float64
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors train faster on one thread; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_effective_weight_is_one():
     """lambda(sigma) c_out(sigma)^2 = 1 for VP, VE and EDM (Table 1)."""
     sigma = torch.logspace(-3, 3, 61, dtype=F64)
@@ -105,7 +96,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='sigma must be > 0'): edm_loss_weight(0.0)
 
 
-def test_training_approaches_the_ideal_denoiser(one_thread):
+def test_training_approaches_the_ideal_denoiser():
     """A small MLP in EDMPrecond, trained with EDMLoss on a ring mixture, moves towards the exact denoiser."""
     mixture = ring_mixture(num_components=8, radius=0.7, std=0.05)
     sigma_data = mixture.cov.diagonal().mean().sqrt().item()
