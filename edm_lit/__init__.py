@@ -5,6 +5,7 @@ Modules:
 - `edm_lit.checkpoints`: Training checkpoints as safetensors + JSON, written atomically and read without pickle (plain module, not generated).
 - `edm_lit.cli`: The `edm-lit` command line: train | sample | info (plain module, not generated).
 - `edm_lit.data`: Data plumbing: Fashion-MNIST from Debian's files, torchvision or the embedded subset (plain module, not generated).
-- `edm_lit.datasets`: Training image sets: Fashion-MNIST, CIFAR-10 and a folder of images (plain module, not generated)."""
+- `edm_lit.datasets`: Training image sets: Fashion-MNIST, CIFAR-10 and a folder of images (plain module, not generated).
+- `edm_lit.features`: The feature networks of chapter 10 and their plumbing: Inception-v3, the Fashion-MNIST classifier, input checks (plain module, not generated)."""
 
 __version__ = "0.1.0"
