@@ -2,15 +2,15 @@
 
 # %% auto #0
 __all__ = ['SOLVERS', 'CountingDenoiser', 'euler_step', 'heun_step', 'ode_step', 'supported_sigma_range', 'time_steps',
-           'integrate', 'denoiser_derivative', 'edm_t_steps', 'heun_sampler', 'ablation_sampler', 'rms_error',
-           'error_vs_nfe', 'observed_order']
+           'integrate', 'denoiser_derivative', 'edm_t_steps', 'heun_sampler', 'ablation_time_steps', 'ablation_sampler',
+           'rms_error', 'error_vs_nfe', 'observed_order']
 
 # %% ../notebooks/03_deterministic.ipynb #76ae499b
 import math
 
 import torch
 
-from .schedules import EDM, DEFAULT_SIGMA_RANGE, make_schedule, ode_derivative, sigma_steps, vp_betas
+from .schedules import EDM, default_sigma_range, make_schedule, ode_derivative, sigma_steps, vp_betas
 
 SOLVERS = ('euler', 'heun')
 
@@ -154,30 +154,47 @@ def _discretization_kwargs(discretization, rho, epsilon_s, C_1, C_2, M):
             'edm': dict(rho=rho)}[discretization]
 
 
-def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
-                     num_steps=18, sigma_min=None, sigma_max=None, rho=7,
-                     solver='heun', discretization='edm', schedule='linear', scaling='none',
-                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1):
-    """Generalized deterministic sampler: every solver, time-step, schedule and scaling choice of Table 1.
+def ablation_time_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm',
+                        schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, device=None):
+    """The schedule (σ(t), s(t)) and time steps t_0 > ... > t_N = 0 of one column of Table 1.
 
-    Paper: Alg. 1 with the 2nd-order alpha rule of App. D.2; official generate.py `ablation_sampler` (S_churn = 0).
-    sigma_min / sigma_max default to the chosen discretization's range. `randn_like` is unused (deterministic).
+    Paper: Table 1 rows "time steps", "schedule", "scaling"; official generate.py `ablation_sampler`, whose default
+    σ range is the discretization's (vp: σ_VP(ε_s), σ_VP(1) at β_d = 19.9) and whose VP betas pass through it.
     Derived in chapter 3.
     """
-    _check_choice('solver', solver, SOLVERS)
-    _check_choice('discretization', discretization, DEFAULT_SIGMA_RANGE)
-    if not 0 < alpha <= 1: raise ValueError(f'alpha must lie in (0, 1], got {alpha}')
-    lo, hi = DEFAULT_SIGMA_RANGE[discretization]
+    lo, hi = default_sigma_range(discretization, epsilon_s)
     sigma_min, sigma_max = supported_sigma_range(net, lo if sigma_min is None else sigma_min,
                                                  hi if sigma_max is None else sigma_max)
     betas = vp_betas(sigma_min, sigma_max, epsilon_s) if schedule == 'vp' else ()  # VP through the range
     sched = make_schedule(schedule, scaling, *betas)
     grid = sigma_steps(discretization, num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
                        **_discretization_kwargs(discretization, rho, epsilon_s, C_1, C_2, M))
-    t_steps = time_steps(net, grid.to(latents.device), sched)
+    return sched, time_steps(net, grid.to(device), sched)
+
+
+def _check_solver(solver, alpha):
+    """Raise a ValueError naming a solver other than euler / heun, or an alpha outside (0, 1]."""
+    _check_choice('solver', solver, SOLVERS)
+    if not 0 < alpha <= 1: raise ValueError(f'alpha must lie in (0, 1], got {alpha}')
+
+
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
+                     num_steps=18, sigma_min=None, sigma_max=None, rho=7,
+                     solver='heun', discretization='edm', schedule='linear', scaling='none',
+                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1):
+    """Generalized deterministic sampler: every solver, time-step, schedule and scaling choice of Table 1.
+
+    Paper: Alg. 1 with the 2nd-order alpha rule of App. D.2; official generate.py `ablation_sampler` (S_churn = 0;
+    chapter 4 adds its stochastic knobs). `randn_like` is unused (deterministic).
+    Derived in chapter 3.
+    """
+    _check_solver(solver, alpha)
+    sched, t_steps = ablation_time_steps(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule,
+                                         scaling, epsilon_s, C_1, C_2, M, latents.device)
     x_next = latents.to(torch.float64) * (sched.sigma(t_steps[0]) * sched.s(t_steps[0]))  # Alg. 1, line 2
     derivative = lambda x, t: ode_derivative(x, t, net, sched, class_labels)  # Eq. 4
     return integrate(derivative, x_next, t_steps, solver, alpha)  # Alg. 1, lines 3-9
+
 
 # %% ../notebooks/03_deterministic.ipynb #81358cc4
 def rms_error(x, reference):

@@ -4,7 +4,7 @@
 __all__ = ['SCHEDULES', 'SCALINGS', 'VP', 'VE', 'EDM', 'DISCRETIZATIONS', 'DEFAULT_SIGMA_RANGE', 'vp_sigma', 'vp_sigma_deriv',
            'vp_sigma_inv', 've_sigma', 've_sigma_deriv', 've_sigma_inv', 'linear_sigma', 'linear_sigma_deriv',
            'linear_sigma_inv', 'Schedule', 'make_schedule', 'ode_derivative', 'edm_sigma_steps', 've_sigma_steps',
-           'vp_betas', 'vp_sigma_steps', 'iddpm_u', 'iddpm_sigma_steps', 'sigma_steps']
+           'vp_betas', 'vp_sigma_steps', 'iddpm_u', 'iddpm_sigma_steps', 'sigma_steps', 'default_sigma_range']
 
 # %% ../notebooks/02_ode.ipynb #a85c796d
 import math
@@ -210,8 +210,6 @@ def ve_sigma_steps(num_steps, sigma_min=0.02, sigma_max=100):
     return ve_sigma(t_steps)
 
 # %% ../notebooks/02_ode.ipynb #b381bea6
-_VP_RANGE_BETAS = (19.1, 0.1)  # generate.py's default VP range uses beta_d = 19.1 (Table 1's schedule: 19.9)
-
 def _check_epsilon_s(epsilon_s):
     """Validate the VP end time epsilon_s ∈ (0, 1)."""
     if not 0 < epsilon_s < 1: raise ValueError(f'epsilon_s must lie in (0, 1), got {epsilon_s!r}')
@@ -233,11 +231,11 @@ def vp_betas(sigma_min, sigma_max, epsilon_s=1e-3):
 def vp_sigma_steps(num_steps, sigma_min=None, sigma_max=None, epsilon_s=1e-3):
     """VP noise levels: t_i = 1 + i/(N−1) (ε_s − 1) through the VP σ(t) whose betas hit σ_min and σ_max.
 
-    Table 1, VP column, row "time steps"; None selects the official default range σ(ε_s), σ(1) at β_d = 19.1.
+    Table 1, VP column, row "time steps"; None selects the official default range σ_VP(ε_s), σ_VP(1) (β_d = 19.9).
     Derived in chapter 2."""
     _check_epsilon_s(epsilon_s)
-    if sigma_min is None: sigma_min = float(vp_sigma(epsilon_s, *_VP_RANGE_BETAS))
-    if sigma_max is None: sigma_max = float(vp_sigma(1.0, *_VP_RANGE_BETAS))
+    if sigma_min is None: sigma_min = float(vp_sigma(epsilon_s))  # generate.py: vp_sigma(19.9, 0.1)(epsilon_s)
+    if sigma_max is None: sigma_max = float(vp_sigma(1.0))  # ≈ 152.17
     sigma_min, sigma_max = _check_range(num_steps, sigma_min, sigma_max)
     beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
     t_steps = 1 + _ramp(num_steps) * (epsilon_s - 1)  # Table 1, VP t_i
@@ -287,5 +285,15 @@ def sigma_steps(discretization, num_steps, **kwargs):
     _check_choice('discretization', discretization, DISCRETIZATIONS)
     return DISCRETIZATIONS[discretization](num_steps, **kwargs)
 
-DEFAULT_SIGMA_RANGE = {'vp': (float(vp_sigma(1e-3, *_VP_RANGE_BETAS)), float(vp_sigma(1.0, *_VP_RANGE_BETAS))),
+def default_sigma_range(discretization, epsilon_s=1e-3):
+    """The (σ_min, σ_max) a discretization uses when none is given; vp's depends on ε_s.
+
+    Official generate.py `ablation_sampler`: vp = (σ_VP(ε_s), σ_VP(1)) at β_d = 19.9, β_min = 0.1.
+    Derived in chapter 2."""
+    _check_choice('discretization', discretization, DISCRETIZATIONS)
+    if discretization != 'vp': return DEFAULT_SIGMA_RANGE[discretization]
+    _check_epsilon_s(epsilon_s)
+    return float(vp_sigma(epsilon_s)), float(vp_sigma(1.0))
+
+DEFAULT_SIGMA_RANGE = {'vp': (float(vp_sigma(1e-3)), float(vp_sigma(1.0))),  # at the default ε_s = 1e-3
                        've': (0.02, 100.0), 'iddpm': (0.002, 81.0), 'edm': (0.002, 80.0)}

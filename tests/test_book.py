@@ -2,9 +2,12 @@
 
 The notebooks are not re-executed here (nbval does that and compares outputs); the build renders stored outputs.
 """
+import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,41 @@ def test_book_builds_without_warnings(tmp_path):
     for nb in (ROOT / 'notebooks').glob('*.ipynb'):
         assert f'notebooks/{nb.stem}.html' in pages, f'{nb.name} is not in the book: add it to book/_toc.yml'
     shutil.rmtree(out / '_build' / '.doctrees', ignore_errors=True)
+
+
+def test_make_book_executes_every_chapter_every_time():
+    """`make book` re-reads every page (--all) and re-executes every notebook (force), even when nothing changed."""
+    book = re.search(r'^book:.*?\n((?:\t.*\n)+)', (ROOT / 'Makefile').read_text(), re.M)[1]
+    command = next(line for line in book.splitlines() if 'jupyter-book build' in line).split()
+    assert '--all' in command and '-W' in command and '--keep-going' in command, command
+    assert re.search(r'^\s+execute_notebooks:\s*force\b', (ROOT / '_config.yml').read_text(), re.M)
+
+
+HANGING = {'cells': [{'cell_type': 'markdown', 'metadata': {}, 'source': ['# Hangs\n']},
+                     {'cell_type': 'code', 'execution_count': None, 'metadata': {}, 'outputs': [],
+                      'source': ['import time\n', 'time.sleep(600)  # a cell that never finishes\n']}],
+           'metadata': {'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}},
+           'nbformat': 4, 'nbformat_minor': 5}
+
+
+@pytest.mark.skipif(not JB.exists(), reason='jupyter-book is not installed (pip install -e .[book])')
+def test_a_hanging_cell_fails_the_build_fast_and_names_notebook_and_cell(tmp_path):
+    """The book's per-cell timeout (execute.timeout) turns a hang into a failure that says where it happened."""
+    timeout = int(re.search(r'^\s+timeout:\s*(\d+)', (ROOT / '_config.yml').read_text(), re.M)[1])
+    assert 60 <= timeout <= 600, f'execute.timeout = {timeout} s: too short for the chapters, or not fast to fail'
+    config = (ROOT / '_config.yml').read_text()
+    config = re.sub(r'(?m)^(\s+timeout:\s*)\d+', r'\g<1>5', config)  # same config, a 5 s budget for the test
+    config = re.sub(r'(?m)^bibtex_bibfiles:\n(\s+-.*\n)+', '', config)
+    config = re.sub(r'(?m)^(\s+html_static_path:).*\n', '', config)
+    (tmp_path / '_config.yml').write_text(config)
+    (tmp_path / '_toc.yml').write_text('format: jb-book\nroot: intro\nchapters:\n  - file: hang\n')
+    (tmp_path / 'intro.md').write_text('# Intro\n')
+    (tmp_path / 'hang.ipynb').write_text(json.dumps(HANGING))
+    start = time.monotonic()
+    proc = subprocess.run([str(JB), 'build', str(tmp_path), '--all', '-W', '-n', '--keep-going'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.monotonic() - start < 120, out[-3000:]
+    assert 'hang' in out and 'CellTimeoutError' in out, out[-3000:]
+    log = next((tmp_path / '_build').rglob('hang.err.log'))  # myst-nb's report for the failed notebook
+    assert 'time.sleep(600)' in log.read_text() and '5 seconds' in log.read_text(), log.read_text()[-2000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from edm_lit.schedules import (DEFAULT_SIGMA_RANGE, DISCRETIZATIONS, EDM, SCALINGS, SCHEDULES, VE, VP, Schedule,
-                               edm_sigma_steps, iddpm_sigma_steps, iddpm_u, make_schedule, ode_derivative,
+                               default_sigma_range, edm_sigma_steps, iddpm_sigma_steps, iddpm_u, make_schedule, ode_derivative,
                                sigma_steps, ve_sigma_steps, vp_betas, vp_sigma_steps)
 
 F64 = torch.float64
@@ -131,13 +131,27 @@ def test_ve_steps_are_geometric(num_steps):
 
 
 def test_vp_default_range_and_betas():
+    """generate.py at 008a4e5: vp_sigma(beta_d=19.9, beta_min=0.1) at t = epsilon_s and t = 1 (not the 19.1 typo)."""
     sigma_min, sigma_max = DEFAULT_SIGMA_RANGE['vp']
-    assert math.isclose(sigma_min, vp_sigma_exact(1e-3, 19.1, 0.1), rel_tol=1e-12)
-    assert math.isclose(sigma_max, vp_sigma_exact(1.0, 19.1, 0.1), rel_tol=1e-12)
+    assert math.isclose(sigma_min, vp_sigma_exact(1e-3, 19.9, 0.1), rel_tol=1e-12)
+    assert math.isclose(sigma_max, vp_sigma_exact(1.0, 19.9, 0.1), rel_tol=1e-12)
+    assert abs(sigma_max - 152.17) < 5e-3 and abs(sigma_min - 0.010486) < 5e-7
     beta_d, beta_min = vp_betas(sigma_min, sigma_max, 1e-3)
-    assert math.isclose(beta_d, 19.1, rel_tol=1e-9) and math.isclose(beta_min, 0.1, rel_tol=1e-7)
+    assert math.isclose(beta_d, 19.9, rel_tol=1e-9) and math.isclose(beta_min, 0.1, rel_tol=1e-7)
     assert DEFAULT_SIGMA_RANGE['ve'] == (0.02, 100) and DEFAULT_SIGMA_RANGE['iddpm'] == (0.002, 81)
     assert DEFAULT_SIGMA_RANGE['edm'] == (0.002, 80)
+
+
+@pytest.mark.parametrize('epsilon_s', [1e-3, 1e-2, 0.2])
+def test_vp_default_range_follows_epsilon_s(epsilon_s):
+    """The official default sigma_min is vp_sigma(19.9, 0.1)(epsilon_s) for the epsilon_s passed, not for 1e-3."""
+    lo, hi = default_sigma_range('vp', epsilon_s)
+    assert math.isclose(lo, vp_sigma_exact(epsilon_s, 19.9, 0.1), rel_tol=1e-12)
+    assert math.isclose(hi, vp_sigma_exact(1.0, 19.9, 0.1), rel_tol=1e-12)
+    steps = vp_sigma_steps(18, epsilon_s=epsilon_s)
+    assert math.isclose(steps[-1], lo, rel_tol=1e-9) and math.isclose(steps[0], hi, rel_tol=1e-12)
+    assert default_sigma_range('edm', epsilon_s) == (0.002, 80)
+    with pytest.raises(ValueError, match='bogus'): default_sigma_range('bogus')
 
 
 @pytest.mark.parametrize('sigma_min, sigma_max, epsilon_s', [(0.002, 80, 1e-3), (0.01, 50, 1e-2), (0.1, 1.0, 0.2)])

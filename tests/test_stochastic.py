@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
+from edm_lit import samplers
 from edm_lit.samplers import heun_sampler
-from edm_lit.stochastic import StackedRandomGenerator, churn, churn_gamma, edm_sampler
+from edm_lit.schedules import VP, make_schedule
+from edm_lit.stochastic import StackedRandomGenerator, ablation_sampler, churn, churn_gamma, edm_sampler, general_churn
 from edm_lit.toy import FiniteSetDenoiser, GaussianMixture
 
 MIXTURE = GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.5, -1.0]]),
@@ -167,3 +169,65 @@ def test_cuda_per_sample_noise_and_no_churn_identity():
     alone = edm_sampler(net, single.randn([1, 2], device='cuda'), randn_like=single.randn_like, S_churn=40, S_min=0.05,
                         S_max=50, S_noise=1.003)
     assert torch.allclose(alone[0], x[4], rtol=1e-12, atol=1e-12)
+
+
+COLUMNS = [dict(discretization='vp', schedule='vp', scaling='vp'), dict(discretization='ve', schedule='ve'),
+           dict(discretization='iddpm'), dict(discretization='edm'), dict(discretization='edm', schedule='vp'),
+           dict(discretization='edm', scaling='vp')]
+
+
+@pytest.mark.parametrize('column', COLUMNS)
+@pytest.mark.parametrize('solver, alpha', [('euler', 1), ('heun', 1), ('heun', 0.5)])
+def test_general_sampler_without_churn_is_the_deterministic_one_bit_for_bit(column, solver, alpha):
+    latents = torch.randn(16, 2, generator=torch.Generator().manual_seed(3))
+    kw = dict(num_steps=9, solver=solver, alpha=alpha, **column)
+    reference = samplers.ablation_sampler(MIXTURE, latents, **kw)
+    assert torch.equal(ablation_sampler(MIXTURE, latents, **kw), reference)
+    assert torch.equal(ablation_sampler(MIXTURE, latents, S_churn=30, S_min=1e4, **kw), reference)  # empty window
+
+
+@pytest.mark.parametrize('churned', [dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003), dict(S_churn=5)])
+def test_general_sampler_with_sigma_t_equal_t_is_algorithm_2(churned):
+    seeds = list(range(6))
+    rnd_a, rnd_b = StackedRandomGenerator('cpu', seeds), StackedRandomGenerator('cpu', seeds)
+    latents = rnd_a.randn([6, 2], dtype=torch.float64)
+    a = edm_sampler(MIXTURE, latents, randn_like=rnd_a.randn_like, **churned)
+    b = ablation_sampler(MIXTURE, rnd_b.randn([6, 2], dtype=torch.float64), randn_like=rnd_b.randn_like, **churned)
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(a, edm_sampler(MIXTURE, latents), atol=1e-3)  # the churn noise did act
+
+
+def test_general_churn_in_closed_form():
+    """Noise of all ones: x_hat = s(t_hat)/s(t) x + s(t_hat) sqrt(sigma_hat^2 - sigma^2) S_noise; sigma_hat = 1.25 sigma."""
+    sched = make_schedule('vp', 'vp')
+    t = VP.sigma_inv(torch.tensor(3.0, dtype=torch.float64))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x_hat, t_hat = general_churn(MIXTURE, x, t, 0.25, sched, S_noise=1.007, randn_like=torch.ones_like)
+    s = lambda sigma: 1 / math.sqrt(1 + sigma ** 2)  # the VP scaling as a function of sigma, Table 1
+    assert math.isclose(float(sched.sigma(t_hat)), 3.75, rel_tol=1e-12)
+    expected = s(3.75) / s(3.0) * x + s(3.75) * math.sqrt(3.75 ** 2 - 9.0) * 1.007
+    assert torch.allclose(x_hat, expected, rtol=1e-12, atol=0)
+    drawn = []
+    x_same, t_same = general_churn(MIXTURE, x, t, 0, sched, randn_like=lambda x: drawn.append(1) or x)
+    assert x_same is x and t_same is t and drawn == [1]  # gamma = 0: untouched, but the noise is still drawn
+
+
+@pytest.mark.parametrize('column', [dict(discretization='vp', schedule='vp', scaling='vp'),
+                                    dict(discretization='ve', schedule='ve')])
+def test_general_sampler_with_churn_samples_the_data(column):
+    gen = torch.Generator().manual_seed(5)
+    noise = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    x = ablation_sampler(GAUSS, torch.randn(20_000, 2, generator=gen), randn_like=noise, num_steps=256, S_churn=10,
+                         **column)
+    n, var = len(x), SIGMA_DATA ** 2
+    assert ((x.mean(0) - MU).abs() < Z * math.sqrt(var / n)).all(), x.mean(0)
+    assert ((x.var(0) - var).abs() < Z * var * math.sqrt(2 / (n - 1))).all(), x.var(0)
+
+
+@pytest.mark.parametrize('kwargs, match', [(dict(S_churn=-1), 'S_churn'), (dict(S_noise=-0.1), 'S_noise'),
+                                           (dict(S_min=2, S_max=1), 'S_min'), (dict(solver='rk4'), 'rk4'),
+                                           (dict(alpha=0), 'alpha'), (dict(discretization='cosine'), 'cosine'),
+                                           (dict(schedule='cos'), 'cos')])
+def test_general_sampler_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ablation_sampler(MIXTURE, torch.zeros(2, 2), **kwargs)
