@@ -40,10 +40,11 @@ def load_cifar10(root=None, train: bool = True, download: bool = True) -> ImageS
     return ImageSet(to_model_range(images), torch.as_tensor(ds.targets, dtype=torch.int64), 'cifar10')
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path, exclude=()) -> list[Path]:
     if not folder.is_dir(): raise DataError(f'image folder not found: {folder}')
-    files = sorted(p for p in folder.rglob('*')
-                   if p.is_file() and not any(s.startswith('.') for s in p.relative_to(folder).parts))
+    skip = {folder / name for name in exclude}
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and p not in skip
+                   and not any(s.startswith('.') for s in p.relative_to(folder).parts))
     if not files: raise DataError(f'image folder {folder} is empty (expected PNG/JPEG/... files)')
     return files
 
@@ -88,9 +89,11 @@ def _check_sizes(files, sizes, resolution):
                         f'{resolution}x{resolution}; pass a transform ({" or ".join(TRANSFORMS)})')
 
 
-def load_image_folder(folder, resolution: int | None = None, transform: str | None = None) -> ImageSet:
+def load_image_folder(folder, resolution: int | None = None, transform: str | None = None,
+                      exclude=()) -> ImageSet:
     """Every image under `folder` (recursively, sorted by path) as an `ImageSet`; gray if all are gray, else RGB.
 
+    `exclude`: paths relative to `folder` to leave out (e.g. the grid.png that `edm-lit sample` writes).
     transform=None needs square images of one size (equal to `resolution` if given); 'resize' scales each image to
     resolution x resolution; 'center-crop' cuts the central square, then scales it.
     """
@@ -98,7 +101,7 @@ def load_image_folder(folder, resolution: int | None = None, transform: str | No
         raise ValueError(f'unknown transform {transform!r}; expected one of {TRANSFORMS} or None')
     if transform is not None and (resolution is None or resolution < 1):
         raise ValueError(f'transform {transform!r} needs a positive resolution, got {resolution}')
-    files = _image_files(Path(folder))
+    files = _image_files(Path(folder), exclude)
     images = [_open_image(p) for p in files]
     if transform is None: _check_sizes(files, [im.size for im in images], resolution)
     mode = 'L' if all(im.mode in ('1', 'L', 'I;16', 'I') for im in images) else 'RGB'

@@ -151,7 +151,11 @@ def extract_features(feature_fn, images: torch.Tensor, batch_size: int = 256, de
 
 # %% ../notebooks/10_evaluation.ipynb #067db1a3
 def _random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2 (Fashion-MNIST's classes are mirror-symmetric)."""
+    """Mirror each image left-right with probability 1/2; a mirrored image keeps its label.
+
+    Fashion-MNIST's classes, not all its images, are invariant under the flip: a shirt's pocket or a bag's strap
+    changes sides, but a mirrored shoe is still a shoe. Derived in chapter 10.
+    """
     flip = torch.rand(len(x), generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 

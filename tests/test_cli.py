@@ -37,7 +37,21 @@ def test_console_script_help_and_a_bad_value():
 
 def test_top_level_help(capsys):
     code, out, _ = _run(capsys, '--help')
-    assert code == 0 and all(c in out for c in ('train', 'sample', 'info'))
+    assert code == 0 and all(c in out for c in ('train', 'sample', 'eval', 'info'))
+
+
+@pytest.mark.parametrize('command', ['', 'train', 'sample', 'eval', 'info'])
+def test_help_of_every_subcommand(capsys, command):
+    """argparse %-formats help strings: a bare % in one made `sample --help` crash with a TypeError."""
+    code, out, err = _run(capsys, *([command] if command else []), '--help')
+    assert code == 0 and out.startswith(f'usage: edm-lit {command}'.rstrip()) and not err, err
+
+
+def test_python_m_runs_the_package():
+    """`python -m edm_lit.cli` (and so `torchrun -m edm_lit.cli`) runs the package's __main__."""
+    out = subprocess.run([sys.executable, '-m', 'edm_lit.cli', 'sample', '--help'], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and 'default: seed % classes' in out.stdout, out.stderr
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -52,6 +66,9 @@ def test_top_level_help(capsys):
     (['sample', 'x', '--outdir', 'y', '--seeds', '9-3'], "expected seeds like 0-63 or 1,5,10-12, got '9-3'"),
     (['sample', 'x', '--outdir', 'y', '--sampler', 'dpm'], "--sampler: invalid choice: 'dpm'"),
     (['sample', 'x', '--outdir', 'y', '--S-noise', '-1'], "--S-noise: expected a number >= 0, got '-1'"),
+    (['eval', 'x', '--features', 'incept'], "--features: invalid choice: 'incept'"),
+    (['eval', 'x', '--n', '0'], "--n: expected a positive integer, got '0'"),
+    (['eval', 'x', '--n', '8', '--seeds', '0-7'], 'not allowed with argument'),
 ])
 def test_bad_arguments_exit_2_naming_the_value(capsys, argv, message):
     code, _, err = _run(capsys, *argv)
@@ -62,6 +79,9 @@ def test_parsers_exact_values():
     assert cli.parse_count('200M') == 200_000_000 and cli.parse_count('0.5M') == 500_000
     assert cli.parse_count('10k') == 10_000 and cli.parse_count('64') == 64
     assert cli.parse_seeds('0-3,7,10-11') == [0, 1, 2, 3, 7, 10, 11]
+    from edm_lit.cli.args import format_seeds
+    assert format_seeds([0, 1, 2, 3, 7, 10, 11]) == '0-3,7,10-11' and format_seeds([5]) == '5'
+    assert cli.parse_seeds(format_seeds([9, 2, 3, 4])) == [9, 2, 3, 4]  # order kept
 
 
 def test_run_errors_exit_1_naming_the_path(capsys, tmp_path):

@@ -1,4 +1,5 @@
-"""edm_lit.networks (chapter 7): the DDPM++ / NCSN++ U-Nets, checked against exact counts, closed forms and identities."""
+"""edm_lit.networks (chapter 7): the DDPM++ / NCSN++ and ADM U-Nets, checked against exact counts, closed forms and
+identities."""
 import json
 import math
 
@@ -6,11 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from edm_lit.networks import (PRESETS, Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, SongUNet,
-                              UNetBlock, attention, make_network, resample_kernel, weight_init)
+from edm_lit.networks import (PRESET_CLASSES, PRESETS, Conv2d, DhariwalUNet, FourierEmbedding, GroupNorm, Linear,
+                              PositionalEmbedding, SongUNet, UNetBlock, attention, make_network, resample_kernel,
+                              weight_init)
 
 OFFICIAL_PARAMS = [('ddpmpp-cifar10', 0, 55_733_891), ('ddpmpp-cifar10', 10, 55_735_299),
                    ('ncsnpp-cifar10', 0, 56_397_827)]  # NVlabs/edm training/networks.py, CIFAR-10 configurations
+# NVlabs/edm 008a4e5, training/networks.py: DhariwalUNet(img_resolution=64, in_channels=3, out_channels=3,
+# label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4]), other arguments default, counted on the meta device
+ADM_IMAGENET64_PARAMS = 295_899_267
+# The same code, DhariwalUNet(img_resolution=8, in_channels=3, out_channels=6, label_dim=10, model_channels=32,
+# channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]): the network inside iDDPMPrecond of the shared fixture
+# official-edm/iddpm_adm_cond.pkl (its .npz records n_params = 829,638)
+ADM_TINY = dict(img_resolution=8, in_channels=3, out_channels=6, label_dim=10, model_channels=32, channel_mult=(1, 2),
+                num_blocks=1, attn_resolutions=(4,))
+ADM_TINY_PARAMS = 829_638
 
 
 def count_params(net):
@@ -352,7 +363,9 @@ def test_bad_configs_raise(kwargs, match):
 
 
 def test_presets():
-    assert set(PRESETS) >= {'ddpmpp-cifar10', 'ncsnpp-cifar10', 'ddpmpp-small', 'ddpmpp-fashion-mnist'}
+    assert set(PRESETS) >= {'ddpmpp-cifar10', 'ncsnpp-cifar10', 'adm-imagenet64', 'ddpmpp-small',
+                            'ddpmpp-fashion-mnist'}
+    assert set(PRESET_CLASSES) <= set(PRESETS)
     with torch.device('meta'):
         assert 1_000_000 <= count_params(make_network('ddpmpp-small')) <= 2_000_000
         fm = make_network('ddpmpp-fashion-mnist')
@@ -369,3 +382,104 @@ def test_cuda_matches_cpu(small):
         gpu = small.cuda()(x.cuda(), t.cuda(), y.cuda(), a.cuda()).cpu()
         small.cpu()
     assert torch.allclose(ref, gpu, atol=1e-3)
+
+
+# ADM (DhariwalUNet), the ImageNet-64 network
+
+def test_adm_preset_parameter_count_equals_the_official():
+    with torch.device('meta'):
+        net = make_network('adm-imagenet64')
+        tiny_adm = DhariwalUNet(**ADM_TINY)
+    assert isinstance(net, DhariwalUNet) and count_params(net) == ADM_IMAGENET64_PARAMS
+    assert count_params(tiny_adm) == ADM_TINY_PARAMS
+
+
+def test_adm_state_dict_names_and_shapes_follow_the_official():
+    with torch.device('meta'):
+        sd = make_network('adm-imagenet64').state_dict()
+    official = {  # read off the official DhariwalUNet of the adm-imagenet64 settings (NVlabs/edm 008a4e5)
+        'map_layer0.weight': (768, 192), 'map_layer1.bias': (768,), 'map_label.weight': (768, 1000),
+        'enc.64x64_conv.weight': (192, 3, 3, 3), 'enc.32x32_down.affine.weight': (384, 768),
+        'enc.32x32_down.skip.resample_filter': (1, 1, 2, 2), 'enc.32x32_block0.qkv.weight': (1152, 384, 1, 1),
+        'enc.16x16_block0.skip.weight': (576, 384, 1, 1), 'dec.8x8_in0.qkv.weight': (2304, 768, 1, 1),
+        'dec.8x8_in1.conv1.weight': (768, 768, 3, 3), 'dec.64x64_block0.conv0.weight': (192, 576, 3, 3),
+        'dec.64x64_block3.skip.weight': (192, 384, 1, 1), 'out_norm.weight': (192,), 'out_conv.weight': (3, 192, 3, 3),
+    }
+    for name, shape in official.items():
+        assert name in sd and tuple(sd[name].shape) == shape, name
+    absent = ('map_label.bias', 'map_augment.weight', 'enc.32x32_down.skip.weight', 'dec.16x16_up.skip.weight',
+              'dec.64x64_block3.qkv.weight', 'map_noise.freqs')
+    assert not any(name in sd for name in absent)
+    assert len(sd) == 553  # parameters and resample-filter buffers of the official network
+
+
+def adm_tiny(**kwargs):
+    torch.manual_seed(0)
+    return DhariwalUNet(**{**ADM_TINY, 'out_channels': 3, **kwargs})
+
+
+def test_adm_forward_at_a_tiny_config():
+    net = adm_tiny(augment_dim=9).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, a = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, generator=g), torch.randn(2, 9, generator=g)
+    y = torch.eye(10)[[2, 5]]
+    with torch.no_grad():
+        assert torch.equal(net(x, t, y, a), torch.zeros_like(x))  # every branch end starts at exactly zero
+        perturbed(net)
+        out = net(x, t, y, a)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, net(x, t, torch.eye(10)[[7, 0]], a), atol=1e-4)  # class labels matter
+        assert torch.equal(net(x, t, None, a), net(x, t, torch.zeros(2, 10), a))  # None means no class
+        assert torch.allclose(out[:1], net(x[:1], t[:1], y[:1], a[:1]), atol=1e-5)  # batch independence
+    with pytest.raises(ValueError, match='class_labels'):
+        net(x, t, torch.zeros(2, 7))
+
+
+def test_adm_dropout_only_in_training():
+    net = perturbed(adm_tiny(dropout=0.5))
+    x, t, y = torch.randn(1, 3, 8, 8), torch.zeros(1), torch.eye(10)[:1]
+    with torch.no_grad():
+        assert not torch.allclose(net.train()(x, t, y), net(x, t, y))
+        net.eval()
+        assert torch.equal(net(x, t, y), net(x, t, y))
+
+
+def test_adm_block_is_the_adaptive_group_norm_formula():
+    """Eq. arch-adaptive: u <- SiLU(GN(u) (1 + s) + b), [s, b] = A e; identity skip, no 1/sqrt(2)."""
+    torch.manual_seed(0)
+    block = perturbed(UNetBlock(32, 32, emb_channels=16, adaptive_scale=True, resample_proj=False)).eval()
+    h, e = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    with torch.no_grad():
+        u = block.conv0(torch.nn.functional.silu(block.norm0(h)))
+        s, b = block.affine(e)[:, :, None, None].chunk(2, dim=1)
+        expected = h + block.conv1(torch.nn.functional.silu(block.norm1(u) * (1 + s) + b))
+        assert torch.allclose(block(h, e), expected, atol=1e-5)
+
+
+def test_adm_heads_and_resampling_skip():
+    """One head per 64 channels (none below 64); a same-width resampling block's skip only resamples."""
+    assert UNetBlock(256, 256, 8, attention=True, channels_per_head=64).num_heads == 4
+    narrow = UNetBlock(32, 32, 8, attention=True, channels_per_head=64)
+    assert narrow.num_heads == 0 and not hasattr(narrow, 'qkv')
+    down = UNetBlock(8, 8, 4, down=True, resample_proj=False)
+    assert down.skip.weight is None
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.allclose(down.skip(x), torch.nn.functional.avg_pool2d(x, 2), atol=1e-6)
+    block = perturbed(UNetBlock(128, 128, 4, attention=True, channels_per_head=64)).eval()
+    seen = []
+    block.norm2.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    h, e = torch.randn(2, 128, 4, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        out = block(h, e)
+        x, y = seen[0]
+        q, k, v = block.qkv(y).reshape(2, 2, 64, 3, 16).unbind(3)  # two heads of 64 channels, the official layout
+        w = torch.softmax(torch.einsum('nhcq,nhck->nhqk', q, k) / math.sqrt(64), dim=-1)
+        a = torch.einsum('nhqk,nhck->nhcq', w, v).reshape(2, 128, 4, 4)
+        assert torch.allclose(out, x + block.proj(a), atol=1e-5)
+
+
+def test_adm_config_round_trips_through_json():
+    net = adm_tiny(label_dim=3)
+    rebuilt = DhariwalUNet(**json.loads(json.dumps(net.config)))
+    rebuilt.load_state_dict(net.state_dict(), strict=True)
+    assert rebuilt.config['channel_mult'] == [1, 2] and rebuilt.config['attn_resolutions'] == [4]

@@ -1,0 +1,60 @@
+"""Argument types of the `edm-lit` command line (plain module, not generated).
+
+Each one turns a command-line string into a value or raises `argparse.ArgumentTypeError` naming the string and what
+was expected, which argparse reports as `argument --flag: ...` with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+__all__ = ['parse_count', 'parse_seeds', 'format_seeds', 'number', 'positive_int', 'nonneg_int', 'positive_float',
+           'nonneg_float', 'probability']
+
+_SUFFIX = {'': 1, 'k': 10**3, 'M': 10**6, 'G': 10**9}
+
+
+def parse_count(text: str) -> int:
+    """'200M' -> 200000000, '0.5M' -> 500000, '64' -> 64: a whole number of images, >= 0."""
+    m = re.fullmatch(r'(\d+(?:\.\d*)?|\.\d+)([kMG]?)', text.strip())
+    value = float(m[1]) * _SUFFIX[m[2]] if m else -1
+    if not m or value != int(value) or value < 0:
+        raise argparse.ArgumentTypeError(f'expected a count of images like 5000, 10k or 0.5M, got {text!r}')
+    return int(value)
+
+
+def number(kind, ok, what):
+    """A parser of `kind` (int, float) accepting the values for which `ok(value)` holds; `what` names them."""
+    def parse(text):
+        try: value = kind(text)
+        except ValueError: value = None
+        if value is None or not ok(value): raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
+        return value
+    return parse
+
+
+positive_int = number(int, lambda v: v > 0, 'a positive integer')
+nonneg_int = number(int, lambda v: v >= 0, 'an integer >= 0')
+positive_float = number(float, lambda v: v > 0 and v != float('inf'), 'a positive number')
+nonneg_float = number(float, lambda v: v >= 0, 'a number >= 0')
+probability = number(float, lambda v: 0 <= v <= 1, 'a probability in [0, 1]')
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' -> [0, ..., 63]; '1,5,10-12' -> [1, 5, 10, 11, 12] (as the official generate.py --seeds)."""
+    seeds = []
+    for part in text.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+))?\s*', part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise argparse.ArgumentTypeError(f'expected seeds like 0-63 or 1,5,10-12, got {text!r}')
+        seeds += list(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return seeds
+
+
+def format_seeds(seeds) -> str:
+    """[0, ..., 63] -> '0-63'; [1, 5, 10, 11, 12] -> '1,5,10-12': the inverse of `parse_seeds`, for records."""
+    runs = []
+    for s in seeds:
+        if runs and s == runs[-1][1] + 1: runs[-1][1] = s
+        else: runs.append([s, s])
+    return ','.join(str(a) if a == b else f'{a}-{b}' for a, b in runs)

@@ -1,0 +1,134 @@
+r"""`edm-lit train`: train a model, or resume one, from the command line (plain module, not generated).
+
+    edm-lit train --dataset fashion-mnist --resolution 16 --preset ddpmpp-small --batch 16 --steps 300 \
+        --lr 2e-3 --lr-rampup 0 --ema 2k --outdir runs/fm   # CPU: ~2 min (OMP_NUM_THREADS=1 on a busy machine)
+    torchrun --nproc_per_node=8 -m edm_lit.cli train ...      # one process per GPU (DDP)
+
+`edm_lit.train.training_loop` (chapter 9) around the EDM preconditioning (chapter 5) of a U-Net preset (chapter 7),
+the EDM loss (chapter 6) and, optionally, the non-leaky augmentation (chapter 8).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .. import checkpoints, datasets
+from .. import train as training
+from .args import parse_count, positive_float, positive_int, nonneg_int, probability
+from .sample import build_net, generate, save_grid
+
+__all__ = ['cmd_train', 'add_train_parser']
+
+
+def _model_record(args, data, label_dim: int) -> dict:
+    """What `build_net` needs to rebuild the network: the preset and the overrides the data set implies."""
+    from ..augment import AugmentPipe
+    augment_dim = AugmentPipe(p=args.augment).label_dim if args.augment else 0  # 9 with the paper's settings
+    overrides = dict(img_resolution=data.images.shape[-1], in_channels=data.images.shape[1],
+                     out_channels=data.images.shape[1], label_dim=label_dim, augment_dim=augment_dim)
+    if args.dropout is not None: overrides['dropout'] = args.dropout
+    return dict(preset=args.preset, overrides=overrides)
+
+
+def _train_config(args, saved: dict) -> training.TrainConfig:
+    """TrainConfig from the flags given, else the resumed checkpoint's values, else the paper's defaults."""
+    given = dict(batch_size=args.batch, batch_gpu=args.batch_gpu, lr=args.lr, lr_rampup_nimg=args.lr_rampup,
+                 ema_halflife_nimg=args.ema, seed=args.seed, precision=args.precision, log_every=args.log_every,
+                 checkpoint_every=args.checkpoint_every, grid_every=args.grid_every, keep=args.keep)
+    given.update(compile=args.compile, channels_last=args.channels_last)
+    values = {f.name: saved[f.name] for f in fields(training.TrainConfig) if f.name in saved}
+    values.update({k: v for k, v in given.items() if v is not None})
+    batch = values.get('batch_size', training.TrainConfig.batch_size)
+    if args.steps is not None: values['total_nimg'] = args.steps * batch
+    elif args.duration is not None: values['total_nimg'] = args.duration
+    return training.TrainConfig(**values)
+
+
+def cmd_train(args) -> int:
+    """Train (or resume) a model; checkpoints, metrics.jsonl and sample grids go to --outdir."""
+    saved, resume = {}, None
+    if args.resume:
+        fixed = [f'--{k}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond', 'augment',
+                                    'dropout') if getattr(args, k) is not None]
+        if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
+        resume = checkpoints.find_latest(args.resume)
+        saved = checkpoints.read_meta(resume)
+        outdir = Path(args.outdir or resume.parent)
+    else:
+        if args.outdir is None or args.dataset is None or args.preset is None:
+            raise ValueError('a new run needs --dataset, --preset and --outdir (or --resume a checkpoint)')
+        outdir = Path(args.outdir)
+        if checkpoints.list_checkpoints(outdir):
+            raise ValueError(f'{outdir} already holds checkpoints; continue with --resume {outdir} or pick a new '
+                             f'--outdir')
+    config = _train_config(args, saved.get('config', {}))
+    d = saved.get('data') or dict(dataset=args.dataset, path=args.data and str(Path(args.data).resolve()),
+                                  resolution=args.resolution, transform=args.transform, cond=bool(args.cond),
+                                  augment=args.augment or 0.0)
+    data = datasets.load_dataset(d['dataset'], d['path'], d['resolution'], d['transform'])
+    label_dim = datasets.NUM_CLASSES[d['dataset']] if d['cond'] else 0
+    if d['cond'] and not label_dim: raise ValueError(f"--cond needs class labels; dataset {d['dataset']!r} has none")
+    model = saved.get('model') or _model_record(args, data, label_dim)
+    torch.manual_seed(training.derive_seed(config.seed, training.STREAM_INIT))  # the initial weights
+    net = build_net(model)
+    augment_pipe = None
+    if d['augment']:
+        from ..augment import AugmentPipe
+        augment_pipe = AugmentPipe(p=d['augment'])
+    from ..loss import EDMLoss
+
+    def grid_fn(ema, path):  # 8 x 8 images on a GPU, 4 x 4 on a CPU (35 NFE each)
+        n = 64 if next(ema.parameters()).is_cuda else 16
+        labels = torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else None
+        save_grid(generate(ema, list(range(n)), class_labels=labels), path)
+    meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data)))
+    t0 = time.time()
+    training.training_loop(net, EDMLoss(), data, config, outdir, meta=meta, label_dim=label_dim, device=args.device,
+                           augment_pipe=augment_pipe, resume=resume, grid_fn=grid_fn, progress=not args.quiet)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f'reached step {config.total_steps} ({config.total_steps * config.batch_size} images) after '
+              f'{time.time() - t0:.1f} s; latest checkpoint: {checkpoints.find_latest(outdir)}')
+    return 0
+
+
+def add_train_parser(sub, presets):
+    p = sub.add_parser('train', help='train a model (or resume one)', description=cmd_train.__doc__,
+                       epilog='example (CPU, ~2 minutes): edm-lit train --dataset fashion-mnist --resolution 16 '
+                              '--preset ddpmpp-small --batch 16 --steps 300 --lr 2e-3 --lr-rampup 0 --ema 2k '
+                              '--outdir runs/fm')
+    a = p.add_argument
+    a('--dataset', choices=datasets.DATASETS, help='the training images')
+    a('--data', metavar='PATH', help='image folder (dataset folder), or download root (fashion-mnist, cifar10)')
+    a('--resolution', type=positive_int, help='image size (folder: any, with --transform; fashion-mnist and cifar10: '
+                                               '32 or an average-pooled 16, 8, ...)')
+    a('--transform', choices=datasets.TRANSFORMS, help='for dataset folder: how to bring images to --resolution')
+    a('--preset', choices=presets, help='network preset (chapter 7)')
+    a('--cond', action='store_true', default=None, help='class-conditional (fashion-mnist, cifar10)')
+    a('--augment', type=probability, metavar='P', help='non-leaky augmentation probability (paper: 0.12)')
+    a('--dropout', type=probability, metavar='P', help="dropout probability (default: the preset's)")
+    a('--batch', type=positive_int, help='total batch size (default 512)')
+    a('--batch-gpu', type=positive_int, help='limit per process and accumulation round')
+    d = p.add_mutually_exclusive_group()
+    d.add_argument('--duration', type=parse_count, metavar='NIMG', help='training images, e.g. 200M (default)')
+    d.add_argument('--steps', type=positive_int, help='optimizer steps (instead of --duration)')
+    a('--lr', type=positive_float, help='Adam learning rate (default 10e-4)')
+    a('--lr-rampup', type=parse_count, metavar='NIMG', help='learning-rate ramp-up in images (default 10M; 0: none)')
+    a('--ema', type=parse_count, metavar='NIMG', help='EMA half-life in images (default 0.5M)')
+    a('--seed', type=nonneg_int, help='random seed (default 0)')
+    a('--outdir', help='run directory (default with --resume: the checkpoint\'s)')
+    a('--resume', metavar='CHECKPOINT', help='a checkpoint file or a run directory (its latest checkpoint)')
+    a('--precision', choices=training.PRECISIONS, help='fp32 (TF32 off, default) or bf16 autocast')
+    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile the network')
+    a('--channels-last', action=argparse.BooleanOptionalAction, help='channels_last memory layout')
+    a('--checkpoint-every', type=positive_int, metavar='STEPS', help='checkpoint interval (default 5000)')
+    a('--grid-every', type=positive_int, metavar='STEPS', help='sample-grid interval (default: never)')
+    a('--log-every', type=positive_int, metavar='STEPS', help='metrics interval (default 100)')
+    a('--keep', type=nonneg_int, help='checkpoints kept (default 2; 0 keeps all)')
+    a('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: one GPU per process)')
+    a('--quiet', action='store_true', help='no progress bar')
+    p.set_defaults(func=cmd_train)
+    return p
