@@ -13,6 +13,7 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 .PHONY: book test install lock clean-venv export clean-nbs clean
 
 $(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) tools/check_lock_python.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip -c $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) -e ".[book,test]"
@@ -28,10 +29,12 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --all --toc book/_toc.yml --path-output _build/book -W -n --keep-going
 	@echo "book: _build/book/_build/html/index.html"
 
-# Every test. nbval re-executes each notebook and compares its outputs with the committed ones.
+# Every test. nbval re-executes each notebook and compares its outputs with the committed ones; like the book
+# build, it gives each cell at most 300 s, so a hung kernel fails the run instead of stalling it.
 test: $(STAMP)
 	$(PYTEST) tests
-	$(PYTEST) --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
+	$(PYTEST) --nbval --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		notebooks
 
 # Refresh the lock: install the newest versions pyproject.toml allows into a scratch venv, run nothing, and write
 # their exact versions to constraints.txt. Then run `make clean-venv book test` before committing the new lock.

@@ -116,7 +116,8 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     with S_churn = 0 it is chapter 3's deterministic `ablation_sampler` operation for operation.
     Derived in chapter 4.
     """
-    _check_solver(solver, alpha); _check_churn_args(S_churn, S_min, S_max, S_noise)
+    _check_solver(solver, alpha)
+    _check_churn_args(S_churn, S_min, S_max, S_noise)
     sched, t_steps = ablation_time_steps(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule,
                                          scaling, epsilon_s, C_1, C_2, M, latents.device)
     derivative = lambda x, t: ode_derivative(x, t, net, sched, class_labels)  # Eq. 4

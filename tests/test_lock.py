@@ -53,3 +53,18 @@ def test_lock_satisfies_the_ranges_of_pyproject():
         if _norm(req.name) in locked:
             assert req.specifier.contains(locked[_norm(req.name)], prereleases=True), (text, locked[_norm(req.name)])
     assert not locked['ipykernel'].startswith('7.'), 'ipykernel 7 hung the book build'
+
+
+def test_install_refuses_a_python_the_lock_was_not_made_for(tmp_path):
+    import subprocess
+    import sys
+    tool, here = ROOT / 'tools' / 'check_lock_python.py', '%d.%d' % sys.version_info[:2]
+    assert re.search(rf'^# Python {re.escape(here)}\.\d+', LOCK.read_text(), re.M), 'the lock names this Python'
+    other = tmp_path / 'other.txt'
+    other.write_text('# a lock\n# Python 2.7.18, x86_64.\nsix==1.16.0\n')
+    run = lambda lock: subprocess.run([sys.executable, str(tool), str(lock)], capture_output=True, text=True)
+    assert run(LOCK).returncode == 0
+    refused = run(other)
+    assert refused.returncode == 1 and 'Python 2.7' in refused.stderr and f'is {here}' in refused.stderr
+    assert 'Traceback' not in refused.stderr
+    assert re.search(r'^\t@\$\(PYTHON\) tools/check_lock_python\.py \$\(LOCK\)', (ROOT / 'Makefile').read_text(), re.M)

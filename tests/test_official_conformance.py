@@ -7,7 +7,7 @@ float64 and never call edm_lit, so every expected number is derived independentl
 
 Where the official code computes in float32 (VPPrecond, VPLoss, iDDPMPrecond, and the alpha_bar of generate.py's
 iDDPM grid, whose index `j` is an int64 tensor) our library computes in float64; those float32 round-offs are the only
-differences allowed, and the tests that document them say so. The npz files of /work/shared/fixtures/official-edm
+differences allowed, and the tests that document them say so. The npz files of ../shared/fixtures/official-edm
 hold only network outputs (the weights are in pickles, which we do not load), so nothing here reads them.
 """
 import inspect
@@ -341,8 +341,7 @@ def test_sampler_defaults_are_official():
     assert defaults(stochastic.edm_sampler, OFFICIAL_EDM_SAMPLER) == OFFICIAL_EDM_SAMPLER
     deterministic = {k: v for k, v in OFFICIAL_ABLATION_SAMPLER.items() if not k.startswith('S_')}
     assert defaults(samplers.ablation_sampler, deterministic) == deterministic
-    if hasattr(stochastic, 'ablation_sampler'):
-        assert defaults(stochastic.ablation_sampler, OFFICIAL_ABLATION_SAMPLER) == OFFICIAL_ABLATION_SAMPLER
+    assert defaults(stochastic.ablation_sampler, OFFICIAL_ABLATION_SAMPLER) == OFFICIAL_ABLATION_SAMPLER
 
 
 @pytest.mark.parametrize('name', OFFICIAL_PRECOND)
@@ -651,8 +650,6 @@ STOCHASTIC_CASES = [('gauss', dict(k, S_churn=20, S_min=0.05, S_max=30, S_noise=
     [(net, dict(k, S_churn=15, S_noise=1.003)) for net, k in ABLATION_EXTRA] + \
     [('gauss', dict(S_churn=1000, num_steps=6)), ('iddpm-grid', dict(S_churn=40, discretization='iddpm', num_steps=6))]
 case_id = lambda case: case[0] + '-' + '-'.join(f'{k}={v}' for k, v in case[1].items())
-needs_stochastic_ablation = pytest.mark.skipif(not hasattr(stochastic, 'ablation_sampler'),
-                                               reason='edm_lit.stochastic.ablation_sampler is not there yet')
 
 
 @pytest.mark.parametrize('net_name,kwargs', DETERMINISTIC_CASES, ids=map(case_id, DETERMINISTIC_CASES))
@@ -660,7 +657,6 @@ def test_deterministic_ablation_sampler_is_official(net_name, kwargs):
     assert_same_samples(*run_both(samplers.ablation_sampler, official_ablation_sampler, net_name, **kwargs))
 
 
-@needs_stochastic_ablation
 @pytest.mark.parametrize('net_name,kwargs', DETERMINISTIC_CASES + STOCHASTIC_CASES,
                          ids=map(case_id, DETERMINISTIC_CASES + STOCHASTIC_CASES))
 def test_stochastic_ablation_sampler_is_official(net_name, kwargs):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from edm_lit.schedules import (DEFAULT_SIGMA_RANGE, DISCRETIZATIONS, EDM, SCALINGS, SCHEDULES, VE, VP, Schedule,
-                               default_sigma_range, edm_sigma_steps, iddpm_sigma_steps, iddpm_u, make_schedule, ode_derivative,
+                               default_sigma_range, edm_sigma_steps, iddpm_sigma_steps, iddpm_u, make_schedule,
+                               ode_derivative,
                                sigma_steps, ve_sigma_steps, vp_betas, vp_sigma_steps)
 
 F64 = torch.float64

@@ -198,7 +198,10 @@ def test_general_sampler_with_sigma_t_equal_t_is_algorithm_2(churned):
 
 
 def test_general_churn_in_closed_form():
-    """Noise of all ones: x_hat = s(t_hat)/s(t) x + s(t_hat) sqrt(sigma_hat^2 - sigma^2) S_noise; sigma_hat = 1.25 sigma."""
+    """Noise of all ones: x_hat = s(t_hat)/s(t) x + s(t_hat) sqrt(sigma_hat^2 - sigma^2) S_noise, sigma_hat = 1.25 sigma.
+
+    Eq. eq-sto-churn-general with the VP schedule and scaling.
+    """
     sched = make_schedule('vp', 'vp')
     t = VP.sigma_inv(torch.tensor(3.0, dtype=torch.float64))
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

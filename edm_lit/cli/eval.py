@@ -125,6 +125,7 @@ def cmd_eval(args) -> int:
 
 
 def add_eval_parser(sub):
+    """Add the `eval` subcommand to the subparsers `sub`; return its parser."""
     p = sub.add_parser('eval', help="FID and KID of a checkpoint's samples or of a folder of images",
                        description=__doc__.split('\n\n')[2], epilog='examples:\n' + __doc__.split('\n\n')[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,7 +134,8 @@ def add_eval_parser(sub):
                         f'a top-level {SAMPLE_GRID} is left out)')
     g = p.add_mutually_exclusive_group()
     g.add_argument('--n', type=positive_int, help='images compared with as many reference images (default: all the '
-                                                  'folder holds, or seeds 0..n-1; at most half the reference set)')
+                                                  'folder holds; for a checkpoint, half the reference set, 5000 '
+                                                  'images for fashion-test: hours on a CPU; seeds 0..n-1)')
     g.add_argument('--seeds', type=parse_seeds, help='checkpoint: the seeds of the images, one each, e.g. 0-999')
     p.add_argument('--reference', default='fashion-test', help="'fashion-test' (default), 'fashion-train' or an "
                                                                "image folder")

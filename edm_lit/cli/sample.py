@@ -133,6 +133,7 @@ def add_generation_arguments(p):
 
 
 def add_sample_parser(sub):
+    """Add the `sample` subcommand to the subparsers `sub`; return its parser."""
     p = sub.add_parser('sample', help='generate images from a checkpoint', description=cmd_sample.__doc__)
     p.add_argument('checkpoint', help='a checkpoint file or a run directory (its latest checkpoint)')
     p.add_argument('--outdir', required=True, help='where the PNGs go: 000000.png, ... and grid.png')
