@@ -134,8 +134,8 @@ def add_eval_parser(sub):
                         f'a top-level {SAMPLE_GRID} is left out)')
     g = p.add_mutually_exclusive_group()
     g.add_argument('--n', type=positive_int, help='images compared with as many reference images (default: all the '
-                                                  'folder holds; for a checkpoint, half the reference set, 5000 '
-                                                  'images for fashion-test: hours on a CPU; seeds 0..n-1)')
+                                                  'folder holds; for a checkpoint, half the reference set: 5000 '
+                                                  'images for fashion-test at 35 NFE each; seeds 0..n-1)')
     g.add_argument('--seeds', type=parse_seeds, help='checkpoint: the seeds of the images, one each, e.g. 0-999')
     p.add_argument('--reference', default='fashion-test', help="'fashion-test' (default), 'fashion-train' or an "
                                                                "image folder")
