@@ -4,14 +4,19 @@ A checkpoint is a pair of files sharing a stem, e.g. `run/training-state-0000040
 
 - the `.safetensors` file holds every tensor: the network (`net.*`), its EMA (`ema.*`) and the optimizer state
   (`optimizer.<param index>.<key>`), all on the CPU;
-- the `.json` file holds everything else: the configuration, the step and the number of images seen, the random
-  number generator states (base64 text), the optimizer's hyper-parameters and the SHA-256 and size of the tensor file.
+- the `.json` file (the record) holds everything else: the configuration, the step and the number of images seen,
+  the run id, the data set's fingerprint, the random number generator states (base64 text), the optimizer's
+  hyper-parameters, the SHA-256 and size of the tensor file and the SHA-256 of the record itself (`record_sha256`).
+  Its schema is in `edm_lit.validators`; a record holding only a model (written without training state, e.g. by a
+  converter) is a valid checkpoint for sampling, `info` and `eval`, not for resuming.
 
 The JSON file is written last: a checkpoint exists once its JSON file does. Each file is written to a temporary name,
 flushed, fsynced, renamed over its final name with `os.replace` and the directory is fsynced, so a crash (even
-`kill -9`) leaves either the old checkpoint or the new one, never half of one. Loading uses `safetensors` and `json`
-only — never `pickle` or `torch.load` — and any corrupt, truncated or mismatched file raises `CheckpointError`
-naming the path. See chapter 9 of the book.
+`kill -9`) leaves either the old checkpoint or the new one, never half of one; what a crash leaves behind (temporary
+files, tensors without their JSON, a torn last line of metrics.jsonl) is cleared when the run resumes, and a run
+folder belongs to one run (see `edm_lit.runs`). Loading uses `safetensors` and `json` only — never `pickle` or
+`torch.load` — and any corrupt, truncated, edited or mismatched file raises `CheckpointError` naming the path. See
+chapter 9 of the book.
 """
 from __future__ import annotations
 
@@ -28,10 +33,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from . import validators
+
 __all__ = ['FORMAT', 'CheckpointError', 'atomic_write', 'checkpoint_paths', 'save_checkpoint', 'load_checkpoint',
            'read_meta', 'find_latest', 'list_checkpoints', 'prune_checkpoints', 'module_tensors', 'optimizer_tensors',
            'load_optimizer', 'rng_state', 'set_rng_state', 'encode_tensor', 'decode_tensor', 'load_module',
-           'save_training_state', 'restore_training_state', 'append_metrics']
+           'save_training_state', 'restore_training_state', 'record_sha256', 'read_training_meta',
+           'check_model_record']
 
 FORMAT = 'edm-lit-checkpoint/1'
 _STEM = 'training-state-{step:08d}'
@@ -127,6 +135,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def record_sha256(record: dict) -> str:
+    """The SHA-256 of a checkpoint record (its canonical JSON, without the field `record_sha256` itself)."""
+    body = {k: v for k, v in record.items() if k != 'record_sha256'}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(',', ':')).encode())
+
+
 def save_checkpoint(run_dir, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write `training-state-<step>.safetensors` and then its `.json` (the commit) atomically; return the JSON path."""
     run_dir = Path(run_dir)
@@ -134,8 +148,9 @@ def save_checkpoint(run_dir, step: int, tensors: dict[str, torch.Tensor], meta: 
     st_path, json_path = checkpoint_paths(run_dir / _STEM.format(step=step))
     blob = safetensors_save({k: v.contiguous() for k, v in tensors.items()})
     atomic_write(st_path, blob)
-    record = dict(meta, format=FORMAT, step=step, tensors=st_path.name, tensors_bytes=len(blob),
-                  tensors_sha256=_sha256(blob))
+    record = json.loads(json.dumps(dict(meta, format=FORMAT, step=step, tensors=st_path.name, tensors_bytes=len(blob),
+                                        tensors_sha256=_sha256(blob))))
+    record['record_sha256'] = record_sha256(record)
     atomic_write(json_path, (json.dumps(record, indent=1, sort_keys=True) + '\n').encode())
     return json_path
 
@@ -145,13 +160,33 @@ def _read_json(json_path: Path) -> dict:
     try: meta = json.loads(json_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f'checkpoint {json_path} is corrupt or truncated (not valid JSON: {e})') from e
-    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
-        raise CheckpointError(f'{json_path} is not an edm-lit checkpoint (expected format {FORMAT!r})')
+    if not isinstance(meta, dict) or not isinstance(meta.get('format'), str):
+        raise CheckpointError(f'{json_path} is not an edm-lit checkpoint (a JSON object with format {FORMAT!r})')
+    if meta['format'] != FORMAT:
+        raise CheckpointError(f'{json_path} is not an edm-lit checkpoint of this version: format {meta["format"]!r}, '
+                              f'expected {FORMAT!r}')
+    try:
+        validators.check_fields(meta, validators.RECORD_FIELDS, f'checkpoint {json_path}')
+        if 'model' in meta: check_model_record(meta['model'], f'checkpoint {json_path}: model')
+    except ValueError as e: raise CheckpointError(str(e)) from None
+    if 'record_sha256' in meta and meta['record_sha256'] != record_sha256(meta):  # absent: written before sealing
+        raise CheckpointError(f'checkpoint {json_path} was changed after it was written: its SHA-256 differs from '
+                              f'the record_sha256 it holds')
+    if meta['tensors'] != checkpoint_paths(json_path)[0].name:
+        raise CheckpointError(f'checkpoint {json_path} names the tensor file {meta["tensors"]!r}, expected '
+                              f'{checkpoint_paths(json_path)[0].name!r}')
     return meta
 
 
+def check_model_record(model, where: str) -> dict:
+    """The `model` record (preset + overrides) of a checkpoint, checked against the schema of edm_lit.validators."""
+    validators.check_fields(model, validators.MODEL_FIELDS, where)
+    return validators.check_fields(model['overrides'], validators.OVERRIDE_FIELDS, f'{where} overrides',
+                                   others=validators.json_value)
+
+
 def read_meta(path) -> dict:
-    """The JSON half of a checkpoint (either file, or its stem), without reading the tensors."""
+    """The JSON half of a checkpoint (either file, or its stem), without reading the tensors; validated and sealed."""
     return _read_json(checkpoint_paths(path)[1])
 
 
@@ -189,30 +224,48 @@ def find_latest(path) -> Path:
     return json_path
 
 
-def prune_checkpoints(run_dir, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints of `run_dir` (keep=0: keep them all)."""
+def prune_checkpoints(run_dir, keep: int, protect=None) -> None:
+    """Delete all but the newest `keep` checkpoints of `run_dir` (keep=0: keep them all), never `protect`."""
     if keep <= 0: return
+    protect = checkpoint_paths(protect)[1].resolve() if protect is not None else None
     for json_path in list_checkpoints(run_dir)[:-keep]:
+        if json_path.resolve() == protect: continue  # the checkpoint this run resumed from
         st_path = checkpoint_paths(json_path)[0]
         json_path.unlink()  # the JSON goes first: a half-deleted checkpoint is never mistaken for a whole one
         st_path.unlink(missing_ok=True)
 
 
-def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path) -> None:
-    """Load the tensors named `prefix.*` into `module`; a mismatch raises CheckpointError naming `path`."""
+def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path, model=None) -> None:
+    """Load the tensors named `prefix.*` into `module`; a mismatch raises CheckpointError naming `path` (and the
+    `model` record the module was built from). A module built on the meta device takes the tensors themselves."""
     sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + '.')}
-    try: module.load_state_dict(sd)
-    except RuntimeError as e: raise CheckpointError(f'checkpoint {path} does not fit this network: {e}') from e
+    try: module.load_state_dict(sd, assign=any(t.is_meta for t in module.state_dict().values()))
+    except RuntimeError as e:
+        what = f'its model record {model}' if model else 'this network'
+        raise CheckpointError(f'checkpoint {path} does not fit {what}: {e}') from e
 
 
-def save_training_state(run_dir, step: int, net, ema, optimizer, meta: dict, keep: int = 0) -> Path:
-    """Checkpoint everything an exact resume needs (net, EMA, optimizer, RNG states, `meta`); keep the newest `keep`."""
+def save_training_state(run_dir, step: int, net, ema, optimizer, meta: dict, keep: int = 0, protect=None) -> Path:
+    """Checkpoint everything an exact resume needs (net, EMA, optimizer, RNG states, `meta`); keep the newest `keep`
+    (and `protect`, the checkpoint the run resumed from)."""
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
     tensors = {**module_tensors('net', net), **module_tensors('ema', ema), **opt_tensors}
     path = save_checkpoint(run_dir, step, tensors, dict(meta, optimizer=opt_meta, rng=rng_state(),
                                                         torch=torch.__version__))
-    prune_checkpoints(run_dir, keep)
+    prune_checkpoints(run_dir, keep, protect)
     return path
+
+
+def read_training_meta(path) -> dict:
+    """The record of a checkpoint to resume from: it must hold the training state (a converted model does not)."""
+    meta = read_meta(path)
+    missing = [k for k, (_, required, _) in validators.TRAINING_FIELDS.items() if required and k not in meta]
+    if missing:
+        raise CheckpointError(f'cannot resume from {path}: it holds no training state to resume (lacks the field '
+                              f'{missing[0]!r}); sample from it or evaluate it instead')
+    try: validators.check_fields(meta, validators.TRAINING_FIELDS, f'cannot resume from {path}')
+    except ValueError as e: raise CheckpointError(str(e)) from None
+    return meta
 
 
 def restore_training_state(path, net, ema, optimizer, expect: dict) -> tuple[int, dict]:
@@ -221,8 +274,9 @@ def restore_training_state(path, net, ema, optimizer, expect: dict) -> tuple[int
     `expect` maps config names to the values this run uses; a checkpoint made with other values is refused, since
     the run could not continue exactly.
     """
+    read_training_meta(path)
     tensors, meta = load_checkpoint(path)
-    saved = meta.get('config', {})
+    saved = meta['config']
     for name, value in expect.items():
         if saved.get(name) != value:
             raise CheckpointError(f'cannot resume from {path}: it was made with {name}={saved.get(name)!r}, this run '
@@ -232,15 +286,3 @@ def restore_training_state(path, net, ema, optimizer, expect: dict) -> tuple[int
     load_optimizer(optimizer, tensors, meta['optimizer'])
     set_rng_state(meta['rng'])
     return int(meta['step']), meta
-
-
-def append_metrics(run_dir, record: dict | None, truncate_after: int | None = None) -> None:
-    """Append a JSON line to `run_dir/metrics.jsonl`; `truncate_after` first drops lines of later steps (on resume)."""
-    path = Path(run_dir) / 'metrics.jsonl'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if truncate_after is not None and path.is_file():
-        lines = [s for s in path.read_text().splitlines() if s.strip()]
-        keep = [s for s in lines if json.loads(s).get('step', 0) <= truncate_after]
-        atomic_write(path, ''.join(s + '\n' for s in keep).encode())
-    if record:
-        with open(path, 'a') as f: f.write(json.dumps(record) + '\n')

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .schedules import iddpm_u, vp_sigma, vp_sigma_inv
+from .validators import class_label_rows
 
 # %% auto #0
 __all__ = ['batch_shape', 'per_sample', 'check_positive', 'as_sigma', 'effective_target', 'Precond', 'edm_coefficients',
@@ -87,10 +88,11 @@ class Precond(torch.nn.Module):
         return torch.as_tensor(sigma)
 
     def class_labels_for(self, class_labels, x: torch.Tensor):
-        """Labels as float32 rows of length label_dim (zeros when none are given); None when unconditional."""
+        """Labels as float32 rows of length label_dim (zeros when none are given); None when unconditional.
+        Integer classes of shape (N,) become one-hot rows (the official code expects the rows)."""
         if self.label_dim == 0: return None
         if class_labels is None: return torch.zeros([1, self.label_dim], device=x.device)
-        return class_labels.to(device=x.device, dtype=torch.float32).reshape(-1, self.label_dim)
+        return class_label_rows(class_labels, self.label_dim, len(x)).to(x.device)
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None, force_fp32=False):
         """D_x = D(x; σ) in float32 for a batch x (N, ...) and σ (a number or N values): Eq. 7."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import checkpoints as ckpt
+from . import runs
 
 # %% auto #0
 __all__ = ['STREAM_INIT', 'STREAM_DATA', 'STREAM_STEP', 'PRECISIONS', 'TRAJECTORY', 'ema_beta', 'update_ema', 'learning_rate',
@@ -237,8 +238,9 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
 
     The official training loop, step by step: seeded batches, accumulated gradients, lr ramp-up, gradient NaN guard,
     Adam, EMA; every tick a loss check (a NaN/inf loss raises TrainingDiverged before anything is written), metrics
-    and — on rank 0 only — checkpoints and `grid_fn(ema, png_path)` sample grids in `run_dir`. `resume` names a
-    checkpoint to continue exactly from; `callback(step)` runs after every step. Derived in chapter 9.
+    and — on rank 0 only — checkpoints and `grid_fn(ema, png_path)` sample grids in `run_dir`, a folder that belongs
+    to this run alone (`runs.start_run`). `resume` names a checkpoint to continue exactly from (never pruned);
+    `callback(step)` runs after every step. Derived in chapter 9.
     """
     device, rank, world_size = init_distributed(device)
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -249,11 +251,11 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
     optimizer, start, last = make_optimizer(net, config, device), 0, resume
     if resume is not None:
         start, _ = ckpt.restore_training_state(resume, net, ema, optimizer, {k: getattr(config, k) for k in TRAJECTORY})
-    if run_dir is not None and rank == 0: ckpt.append_metrics(run_dir, None, truncate_after=start)
+    meta = dict(meta or {}, config=asdict(config), world_size=world_size)
+    if run_dir is not None and rank == 0: meta = runs.start_run(run_dir, meta, resume, start)  # run id, clean-up
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
         if world_size > 1 else net
     fwd = torch.compile(ddp) if config.compile else ddp
-    meta = dict(meta or {}, config=asdict(config), world_size=world_size)
     from tqdm.auto import tqdm
     bar = tqdm(total=config.total_steps, initial=start, disable=rank != 0 or not progress, unit='step')
     acc, n_acc, t0, history = torch.zeros((), device=device), 0, time.time(), []
@@ -283,10 +285,10 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
         acc.zero_()
         n_acc = 0
         if run_dir is None or rank != 0: continue
-        ckpt.append_metrics(run_dir, record)
+        runs.append_metrics(run_dir, record)
         if final or is_due(done, config.checkpoint_every):
             last = ckpt.save_training_state(run_dir, done, net, ema, optimizer, dict(meta, nimg=record['nimg']),
-                                            config.keep)
+                                            config.keep, protect=resume)
         if grid_fn is not None and is_due(done, config.grid_every): grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
     bar.close()
     return ema, history

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edm_lit import checkpoints as ckpt
+from edm_lit import runs
 
 
 def _trained_pair(seed=0):
@@ -143,8 +144,8 @@ def test_atomic_write_replaces_whole_files(tmp_path, monkeypatch):
 
 def test_metrics_are_truncated_on_resume(tmp_path):
     for step in (2, 4, 6):
-        ckpt.append_metrics(tmp_path, {'step': step, 'loss': 1.0})
-    ckpt.append_metrics(tmp_path, None, truncate_after=4)
-    ckpt.append_metrics(tmp_path, {'step': 6, 'loss': 0.5})
+        runs.append_metrics(tmp_path, {'step': step, 'loss': 1.0})
+    runs.append_metrics(tmp_path, None, truncate_after=4)
+    runs.append_metrics(tmp_path, {'step': 6, 'loss': 0.5})
     lines = [json.loads(s) for s in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert [(r['step'], r['loss']) for r in lines] == [(2, 1.0), (4, 1.0), (6, 0.5)]

@@ -37,10 +37,10 @@ def test_console_script_help_and_a_bad_value():
 
 def test_top_level_help(capsys):
     code, out, _ = _run(capsys, '--help')
-    assert code == 0 and all(c in out for c in ('train', 'sample', 'eval', 'info'))
+    assert code == 0 and all(c in out for c in ('train', 'sample', 'eval', 'info', 'convert'))
 
 
-@pytest.mark.parametrize('command', ['', 'train', 'sample', 'eval', 'info'])
+@pytest.mark.parametrize('command', ['', 'train', 'sample', 'eval', 'info', 'convert'])
 def test_help_of_every_subcommand(capsys, command):
     """argparse %-formats help strings: a bare % in one made `sample --help` crash with a TypeError."""
     code, out, err = _run(capsys, *([command] if command else []), '--help')
@@ -60,12 +60,12 @@ def test_python_m_runs_the_package():
     (['train', '--dataset', 'imagenet'], "--dataset: invalid choice: 'imagenet'"),
     (['train', '--duration', '12x'], "--duration: expected a count of images like 5000, 10k or 0.5M, got '12x'"),
     (['train', '--duration', '1M', '--steps', '5'], 'not allowed with argument'),
-    (['train', '--lr', 'nan'], "--lr: expected a positive number, got 'nan'"),
+    (['train', '--lr', 'nan'], "--lr: expected a learning rate in (0, 1], got 'nan'"),
     (['train', '--augment', '1.5'], "--augment: expected a probability in [0, 1], got '1.5'"),
     (['train', '--seed', '-1'], "--seed: expected an integer >= 0, got '-1'"),
     (['sample', 'x', '--outdir', 'y', '--seeds', '9-3'], "expected seeds like 0-63 or 1,5,10-12, got '9-3'"),
     (['sample', 'x', '--outdir', 'y', '--sampler', 'dpm'], "--sampler: invalid choice: 'dpm'"),
-    (['sample', 'x', '--outdir', 'y', '--S-noise', '-1'], "--S-noise: expected a number >= 0, got '-1'"),
+    (['sample', 'x', '--outdir', 'y', '--S-noise', '-1'], "--S-noise: expected a finite number >= 0, got '-1'"),
     (['eval', 'x', '--features', 'incept'], "--features: invalid choice: 'incept'"),
     (['eval', 'x', '--n', '0'], "--n: expected a positive integer, got '0'"),
     (['eval', 'x', '--n', '8', '--seeds', '0-7'], 'not allowed with argument'),

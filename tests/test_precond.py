@@ -157,6 +157,26 @@ def test_labels_and_extra_channels():
     assert model.calls[-1]['class_labels'] is None  # unconditional net: labels are not passed on (as official)
 
 
+def test_integer_class_labels_become_one_hot_rows():
+    """Classes given as integers of shape (N,) mean the same as their one-hot rows; anything else is refused."""
+    model = Recorder()
+    net = EDMPrecond(model, label_dim=10)
+    x = torch.randn(20, 2)  # N = 20 = 2 * label_dim: reshaping (N,) to (-1, 10) would silently give 2 rows
+    classes = torch.arange(20) % 10
+    net(x, 1.0, class_labels=classes)
+    assert torch.equal(model.calls[-1]['class_labels'], torch.eye(10)[classes])
+    net(x, 1.0, class_labels=torch.nn.functional.one_hot(classes, 10))  # int64 one-hot rows (what one_hot returns)
+    assert torch.equal(model.calls[-1]['class_labels'], torch.eye(10)[classes])
+    net(x[:1], 1.0, class_labels=torch.tensor(7))
+    assert torch.equal(model.calls[-1]['class_labels'], torch.eye(10)[[7]])
+    with pytest.raises(ValueError, match='class label 10 is not in 0..9'): net(x, 1.0, class_labels=classes + 1)
+    with pytest.raises(ValueError, match='class label -1 is not in 0..9'): net(x, 1.0, class_labels=classes - 1)
+    with pytest.raises(ValueError, match=r'shape \(20, 3\) do not fit label_dim=10'):
+        net(x, 1.0, class_labels=torch.zeros(20, 3))
+    with pytest.raises(ValueError, match='3 rows of class labels for a batch of 20'):
+        net(x, 1.0, class_labels=torch.eye(10)[:3])
+
+
 def test_bad_inputs_raise_clear_errors():
     net = EDMPrecond(Recorder())
     with pytest.raises(ValueError, match='sigma must be > 0'): net(torch.zeros(2, 2), torch.tensor([1.0, 0.0]))

@@ -1,17 +1,23 @@
 """A tiny, fast training setup for the tests of chapter 9: the real EDMPrecond and EDMLoss around a small MLP.
 
 Imported by tests/test_train.py, and run as a script (also under torchrun) by the tests that need a separate process:
-    python tests/train_tiny.py --outdir RUN --steps 12 [--resume RUN] [--stall-at K] [--nan-at K]
+    python tests/train_tiny.py --outdir RUN --steps 12 [--resume RUN] [--stall-at K] [--nan-at K] [--kill-at POINT]
 It prints one line `RANK r OF w WEIGHTS <sha256>` per process at the end: the SHA-256 of the trained weights.
+`--kill-at POINT[:N]` kills the process (SIGKILL) the N-th time it reaches a point of a write (see `kill_points`):
+a crash at a chosen place, deterministic, for the kill -9 tests.
 """
 import argparse
 import hashlib
+import json
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from edm_lit import checkpoints, train
+from edm_lit import checkpoints, runs, train
 from edm_lit.data import ImageSet, load_fashion_mnist
 from edm_lit.loss import EDMLoss
 from edm_lit.precond import EDMPrecond
@@ -63,6 +69,45 @@ def tiny_config(steps, batch=16, **kwargs) -> train.TrainConfig:
     return train.TrainConfig(**{**base, **kwargs})
 
 
+KILL_POINTS = ('step', 'tensors-tmp', 'tensors-replaced', 'json-tmp', 'json-replaced', 'prune-half', 'metrics-torn',
+               'metrics-tmp', 'metrics-replaced')
+
+
+def kill_points(spec: str):
+    """Make this process SIGKILL itself the N-th time it reaches the point named by `spec` ('POINT' or 'POINT:N'):
+    <kind>-tmp: a temporary file is whole but not yet renamed; <kind>-replaced: just renamed (kind: tensors, json,
+    metrics); prune-half: a pruned checkpoint's JSON is gone but its tensors are not; metrics-torn: half a metrics
+    line written; step: after the N-th training step. Returns the callback for the `step` point."""
+    point, _, nth = spec.partition(':')
+    assert point in KILL_POINTS, point
+    seen = {}
+
+    def reached(name):
+        seen[name] = seen.get(name, 0) + 1
+        if name == point and seen[name] == int(nth or 1): os.kill(os.getpid(), signal.SIGKILL)
+    real_replace, real_unlink, real_append = os.replace, Path.unlink, runs.append_metrics
+
+    def replace(src, dst):
+        kind = 'json' if str(dst).endswith('.json') else 'tensors' if str(dst).endswith('.safetensors') else 'metrics'
+        reached(f'{kind}-tmp')
+        real_replace(src, dst)
+        reached(f'{kind}-replaced')
+
+    def unlink(self, missing_ok=False):
+        real_unlink(self, missing_ok=missing_ok)
+        if self.name.startswith('training-state-') and self.suffix == '.json': reached('prune-half')
+
+    def append_metrics(run_dir, record, truncate_after=None):
+        if record and point == 'metrics-torn' and seen.get(point, 0) + 1 == int(nth or 1):
+            with open(Path(run_dir) / 'metrics.jsonl', 'a') as f:
+                line = json.dumps(record)
+                f.write(line[:len(line) // 2])
+        if record: reached('metrics-torn')
+        return real_append(run_dir, record, truncate_after)
+    os.replace, Path.unlink, runs.append_metrics = replace, unlink, append_metrics
+    return lambda step: reached('step')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--outdir', required=True)
@@ -73,17 +118,22 @@ def main(argv=None):
     p.add_argument('--resume', default=None, help='a checkpoint or run directory')
     p.add_argument('--stall-at', type=int, default=None, help='sleep (to be killed) after this many steps')
     p.add_argument('--nan-at', type=int, default=None, help='make the network output NaN after this many steps')
+    p.add_argument('--keep', type=int, default=0, help='checkpoints kept (0: all)')
+    p.add_argument('--kill-at', default=None, help='POINT[:N]: SIGKILL at the N-th time a write reaches POINT')
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     net = tiny_net()
+    at_step = kill_points(args.kill_at) if args.kill_at else (lambda step: None)
 
     def callback(step):
+        at_step(step)
         if step == args.stall_at:
             print(f'STALLED {step}', flush=True)
             time.sleep(600)
         if step == args.nan_at: net.model.poisoned = True
 
-    config = tiny_config(args.steps, args.batch, batch_gpu=args.batch_gpu, checkpoint_every=args.checkpoint_every)
+    config = tiny_config(args.steps, args.batch, batch_gpu=args.batch_gpu, checkpoint_every=args.checkpoint_every,
+                         keep=args.keep)
     resume = checkpoints.find_latest(args.resume) if args.resume else None
     try:
         ema, _ = train.training_loop(net, EDMLoss(), tiny_data(), config, args.outdir, resume=resume,

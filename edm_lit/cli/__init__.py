@@ -1,25 +1,30 @@
-r"""The `edm-lit` command line: train | sample | eval | info (plain module, not generated).
+r"""The `edm-lit` command line: train | sample | eval | info | convert (plain module, not generated).
 
     edm-lit train --dataset fashion-mnist --resolution 16 --preset ddpmpp-small --batch 16 --steps 300 \
         --lr 2e-3 --lr-rampup 0 --ema 2k --outdir runs/fm   # CPU: ~2 min (OMP_NUM_THREADS=1 on a busy machine)
     edm-lit sample runs/fm --seeds 0-63 --outdir runs/fm/samples
     edm-lit eval runs/fm --n 5000 --out runs/fm/eval.json      # FID and KID with their real-vs-real floor
     edm-lit info runs/fm
+    edm-lit convert network-snapshot-200000.pkl runs/official   # an official EDM snapshot, nothing in it run
     torchrun --nproc_per_node=8 -m edm_lit.cli train ...      # one process per GPU (DDP)
 
-One module per sub-command (train.py, sample.py, eval.py, info.py) and the argument types (args.py). Training is
-`edm_lit.train.training_loop` (chapter 9); sampling is the EDM sampler, Algorithm 2 (chapter 4), with one seed per
-image; evaluation is `edm_lit.metrics.evaluate` (chapter 10). Bad values exit with status 2 (argument errors) or 1
-(everything else: missing data or checkpoints, corrupt files, a diverged loss), always with a message naming them.
+One module per sub-command (train.py, sample.py, eval.py, info.py, convert.py) and the argument types (args.py).
+Training is `edm_lit.train.training_loop` (chapter 9); sampling is the EDM sampler, Algorithm 2 (chapter 4), with one
+seed per image; evaluation is `edm_lit.metrics.evaluate` (chapter 10); conversion is `edm_lit.official`. Bad values
+exit with status 2 (argument errors) or 1 (everything else: missing data or checkpoints, corrupt files, a diverged
+loss), always with a message naming them.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
+from ..runs import RunWarning
 from ..train import TrainingDiverged
+from .convert import add_convert_parser
 from .eval import add_eval_parser
 from .info import add_info_parser
 from .train import add_train_parser
@@ -42,16 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_eval_parser(sub)
     add_info_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     """Entry point of the `edm-lit` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try: return args.func(args)
-    except (ValueError, OSError, TrainingDiverged) as e:  # DataError, CheckpointError are ValueErrors
-        print(f'edm-lit {args.command}: error: {e}', file=sys.stderr)
-        return 1
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with warnings.catch_warnings():  # one line each, every time: a repaired run folder, a changed data set
+        warnings.simplefilter('always', RunWarning)
+        warnings.showwarning = lambda message, *_, **__: print(f'edm-lit {args.command}: warning: {message}',
+                                                              file=sys.stderr)
+        try: return args.func(args)
+        except (ValueError, OSError, TrainingDiverged) as e:  # DataError, CheckpointError are ValueErrors
+            print(f'edm-lit {args.command}: error: {e}', file=sys.stderr)
+            return 1
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()

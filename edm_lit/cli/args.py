@@ -6,10 +6,13 @@ was expected, which argparse reports as `argument --flag: ...` with exit status 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
+from .. import validators
+
 __all__ = ['parse_count', 'parse_seeds', 'format_seeds', 'number', 'positive_int', 'nonneg_int', 'positive_float',
-           'nonneg_float', 'probability']
+           'nonneg_float', 'finite_nonneg_float', 'probability', 'learning_rate', 'resolution', 'device']
 
 _SUFFIX = {'': 1, 'k': 10**3, 'M': 10**6, 'G': 10**9}
 
@@ -37,18 +40,31 @@ positive_int = number(int, lambda v: v > 0, 'a positive integer')
 nonneg_int = number(int, lambda v: v >= 0, 'an integer >= 0')
 positive_float = number(float, lambda v: v > 0 and v != float('inf'), 'a positive number')
 nonneg_float = number(float, lambda v: v >= 0, 'a number >= 0')
+finite_nonneg_float = number(float, lambda v: 0 <= v < math.inf, 'a finite number >= 0')
 probability = number(float, lambda v: 0 <= v <= 1, 'a probability in [0, 1]')
+learning_rate = number(float, lambda v: 0 < v <= validators.MAX_LR, f'a learning rate in (0, {validators.MAX_LR:g}]')
+resolution = number(int, lambda v: 1 <= v <= validators.MAX_RESOLUTION,
+                    f'an image size in [1, {validators.MAX_RESOLUTION}]')
+
+
+def device(text: str):
+    """'cpu', 'cuda', 'cuda:1', 'mps' -> torch.device, if this machine has it."""
+    try: return validators.check_device(text)
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-63' -> [0, ..., 63]; '1,5,10-12' -> [1, 5, 10, 11, 12] (as the official generate.py --seeds)."""
-    seeds = []
+    """'0-63' -> [0, ..., 63]; '1,5,10-12' -> [1, 5, 10, 11, 12] (as the official generate.py --seeds); each seed
+    below 2**32 (the sampler takes seed % 2**32) and at most a million of them."""
+    ranges = []
     for part in text.split(','):
         m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+))?\s*', part)
         if not m or (m[2] is not None and int(m[2]) < int(m[1])):
             raise argparse.ArgumentTypeError(f'expected seeds like 0-63 or 1,5,10-12, got {text!r}')
-        seeds += list(range(int(m[1]), int(m[2] or m[1]) + 1))
-    return seeds
+        ranges.append((int(m[1]), int(m[2] or m[1])))
+    try: validators.check_seed_ranges(ranges, text)
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    return [s for a, b in ranges for s in range(a, b + 1)]
 
 
 def format_seeds(seeds) -> str:

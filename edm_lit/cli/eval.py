@@ -71,7 +71,7 @@ def _generate(args, n_max: int, device) -> tuple[torch.Tensor, dict]:
     images = generate(net, seeds, settings['sampler'], settings['steps'], class_labels(label_dim, seeds),
                       args.batch, **kwargs)
     if args.save_images: write_pngs(images, seeds, args.save_images)
-    record = dict(checkpoint=str(checkpoints.find_latest(args.input)), step=meta['step'], nimg=meta['nimg'],
+    record = dict(checkpoint=str(checkpoints.find_latest(args.input)), step=meta['step'], nimg=meta.get('nimg'),
                   **settings, nfe=nfe(settings['sampler'], settings['steps']), **kwargs, seeds=format_seeds(seeds),
                   class_labels=f'seed % {label_dim}' if label_dim else None,
                   saved_images=args.save_images and str(args.save_images))

@@ -14,11 +14,11 @@ __all__ = ['cmd_info', 'add_info_parser']
 
 
 def cmd_info(args) -> int:
-    """Print a checkpoint's configuration and parameter count."""
+    """Print a checkpoint's configuration and parameter count (null for what a model without training state lacks)."""
     net, meta = load_net(args.checkpoint, 'ema', 'cpu')
-    summary = dict(checkpoint=str(checkpoints.find_latest(args.checkpoint)), step=meta['step'], nimg=meta['nimg'],
-                   parameters=sum(p.numel() for p in net.parameters()), model=meta['model'], data=meta['data'],
-                   config=meta['config'], world_size=meta['world_size'], torch=meta['torch'])
+    summary = dict(checkpoint=str(checkpoints.find_latest(args.checkpoint)), step=meta['step'],
+                   parameters=sum(p.numel() for p in net.parameters()), model=meta['model'],
+                   **{k: meta.get(k) for k in ('nimg', 'run_id', 'data', 'config', 'world_size', 'torch')})
     print(json.dumps(summary, indent=1))
     return 0
 

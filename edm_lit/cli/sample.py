@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints
-from .args import nonneg_float, nonneg_int, parse_seeds, positive_int
+from .. import checkpoints, validators
+from .args import device, finite_nonneg_float, nonneg_float, nonneg_int, parse_seeds, positive_int
 
 __all__ = ['SAMPLERS', 'MULTISTEP', 'GENERATION_DEFAULTS', 'CHURN_ARGS', 'build_net', 'load_net', 'generate',
            'nfe', 'churn_kwargs', 'class_labels', 'save_grid', 'write_pngs', 'add_generation_arguments', 'cmd_sample',
@@ -28,18 +28,28 @@ CHURN_ARGS = ('S_churn', 'S_min', 'S_max', 'S_noise')
 
 
 def build_net(model: dict) -> torch.nn.Module:
-    """The EDM-preconditioned U-Net described by a checkpoint's `model` record (preset name + overrides)."""
-    from ..networks import make_network
-    from ..precond import EDMPrecond
-    return EDMPrecond(make_network(model['preset'], **model['overrides']), label_dim=model['overrides']['label_dim'])
+    """The preconditioned U-Net described by a checkpoint's `model` record (preset name + overrides; EDM unless the
+    record names another Table 1 column in `precond`, as converted official snapshots do)."""
+    from ..official import network_from_record
+    return network_from_record(model)
 
 
 def load_net(path, weights: str, device):
-    """(network in eval mode on `device`, checkpoint metadata) from a checkpoint file or a run directory."""
+    """(network in eval mode on `device`, checkpoint metadata) from a checkpoint file or a run directory.
+
+    The network is built as shapes only (the meta device: no memory) and then takes the checkpoint's tensors, so a
+    model record that does not describe them is refused before anything is allocated; so are NaN or infinite weights."""
+    from ..official import network_from_record
     json_path = checkpoints.find_latest(path)
     tensors, meta = checkpoints.load_checkpoint(json_path)
-    net = build_net(meta['model'])
-    checkpoints.load_module(net, tensors, weights, json_path)
+    if 'model' not in meta: raise checkpoints.CheckpointError(f'checkpoint {json_path} holds no model record')
+    validators.check_finite(f'checkpoint {json_path}: the {weights} weights',
+                            {k: v for k, v in tensors.items() if k.startswith(weights + '.')})
+    try: net = network_from_record(meta['model'], device='meta')
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise checkpoints.CheckpointError(f'checkpoint {json_path}: its model record {meta["model"]} cannot be '
+                                          f'built: {e}') from None
+    checkpoints.load_module(net, tensors, weights, json_path, meta['model'])
     return net.eval().requires_grad_(False).to(device), meta
 
 
@@ -60,6 +70,9 @@ def generate(net, seeds, sampler='heun', num_steps=18, class_labels=None, batch=
         labels = None if class_labels is None else class_labels[start:start + batch].to(p.device)
         with torch.no_grad():
             x = sample_fn(net, rnd.randn([len(chunk), *shape]), labels, randn_like=rnd.randn_like, num_steps=num_steps)
+        bad = [chunk[i] for i in validators.nonfinite_rows(x)]
+        if bad: raise ValueError(f'images of seeds {bad[:16]}{" ..." if bad[16:] else ""} hold NaN or infinite values; '
+                                 f'nothing was written (sampler {sampler!r}, {sampler_kwargs or "its defaults"})')
         out.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu())
     return torch.cat(out)
 
@@ -126,10 +139,10 @@ def add_generation_arguments(p):
     p.add_argument('--batch', type=positive_int, default=64, help='images per batch (default 64)')
     p.add_argument('--weights', choices=('ema', 'net'), default=GENERATION_DEFAULTS['weights'],
                    help='EMA (default) or raw weights')
-    for name in CHURN_ARGS:
-        p.add_argument(f'--{name.replace("_", "-")}', dest=name, type=nonneg_float,
-                       help=f'{name} of Alg. 2 (heun and churn only)')
-    p.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available)')
+    for name in CHURN_ARGS:  # S_max may be inf (the official default); the others are finite
+        p.add_argument(f'--{name.replace("_", "-")}', dest=name, type=nonneg_float if name == 'S_max' else
+                       finite_nonneg_float, help=f'{name} of Alg. 2 (heun and churn only)')
+    p.add_argument('--device', type=device, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
 
 
 def add_sample_parser(sub):

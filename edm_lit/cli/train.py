@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from .. import checkpoints, datasets
+from .. import checkpoints, datasets, runs, validators
 from .. import train as training
-from .args import parse_count, positive_float, positive_int, nonneg_int, probability
+from .args import device, learning_rate, parse_count, positive_int, nonneg_int, probability, resolution
 from .sample import build_net, generate, save_grid
 
-__all__ = ['cmd_train', 'add_train_parser']
+__all__ = ['CONFIG_FIELDS', 'cmd_train', 'add_train_parser']
+
+_TYPES = {'int': (int,), 'float': (int, float), 'str': (str,), 'bool': (bool,), 'None': (type(None),)}
+CONFIG_FIELDS = {f.name: (sum((_TYPES.get(t.strip(), (object,)) for t in f.type.split('|')), ()), False, None)
+                 for f in fields(training.TrainConfig)}  # a resumed checkpoint's config, typed as TrainConfig
 
 
 def _model_record(args, data, label_dim: int) -> dict:
@@ -40,6 +45,7 @@ def _train_config(args, saved: dict) -> training.TrainConfig:
                  ema_halflife_nimg=args.ema, seed=args.seed, precision=args.precision, log_every=args.log_every,
                  checkpoint_every=args.checkpoint_every, grid_every=args.grid_every, keep=args.keep)
     given.update(compile=args.compile, channels_last=args.channels_last)
+    validators.check_fields(saved, CONFIG_FIELDS, f'checkpoint {args.resume}: config')
     values = {f.name: saved[f.name] for f in fields(training.TrainConfig) if f.name in saved}
     values.update({k: v for k, v in given.items() if v is not None})
     batch = values.get('batch_size', training.TrainConfig.batch_size)
@@ -48,28 +54,42 @@ def _train_config(args, saved: dict) -> training.TrainConfig:
     return training.TrainConfig(**values)
 
 
+def _check_same_data(d: dict, data, fingerprint: str, allow: bool) -> None:
+    """On resume: the training images must be those the run started with (`fingerprint`), unless `allow`."""
+    if d.get('fingerprint') in (None, fingerprint): return  # None: a checkpoint written before fingerprints
+    message = (f"the training images in {d['path'] or d['dataset']} changed since the run started (fingerprint "
+               f"{d['fingerprint'][:19]}..., now {fingerprint[:19]}...; {d.get('num_images')} images then, "
+               f"{len(data)} now)")
+    if not allow: raise ValueError(f'{message}: the run would not be the run it claims to be; pass '
+                                   f'--allow-data-change to continue on the new images anyway')
+    warnings.warn(f'{message}; continuing on the new images (--allow-data-change)', runs.RunWarning)
+
+
 def cmd_train(args) -> int:
-    """Train (or resume) a model; checkpoints, metrics.jsonl and sample grids go to --outdir."""
+    """Train (or resume) a model; checkpoints, metrics.jsonl and sample grids go to --outdir (one run's folder)."""
     saved, resume = {}, None
     if args.resume:
         fixed = [f'--{k}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond', 'augment',
                                     'dropout') if getattr(args, k) is not None]
         if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
         resume = checkpoints.find_latest(args.resume)
-        saved = checkpoints.read_meta(resume)
+        saved = checkpoints.read_training_meta(resume)
+        validators.check_fields(saved, dict(model=(dict, True, None), data=(dict, True, None)), f'checkpoint {resume}')
+        validators.check_fields(saved['data'], validators.DATA_FIELDS, f'checkpoint {resume}: data')
         outdir = Path(args.outdir or resume.parent)
     else:
+        if args.allow_data_change: raise ValueError('--allow-data-change applies only with --resume')
         if args.outdir is None or args.dataset is None or args.preset is None:
             raise ValueError('a new run needs --dataset, --preset and --outdir (or --resume a checkpoint)')
         outdir = Path(args.outdir)
-        if checkpoints.list_checkpoints(outdir):
-            raise ValueError(f'{outdir} already holds checkpoints; continue with --resume {outdir} or pick a new '
-                             f'--outdir')
+    runs.claim_run_dir(outdir, resume)  # before anything is loaded or written: the folder must be this run's
     config = _train_config(args, saved.get('config', {}))
     d = saved.get('data') or dict(dataset=args.dataset, path=args.data and str(Path(args.data).resolve()),
                                   resolution=args.resolution, transform=args.transform, cond=bool(args.cond),
                                   augment=args.augment or 0.0)
     data = datasets.load_dataset(d['dataset'], d['path'], d['resolution'], d['transform'])
+    fingerprint = datasets.fingerprint(data)
+    if resume: _check_same_data(d, data, fingerprint, args.allow_data_change)
     label_dim = datasets.NUM_CLASSES[d['dataset']] if d['cond'] else 0
     if d['cond'] and not label_dim: raise ValueError(f"--cond needs class labels; dataset {d['dataset']!r} has none")
     model = saved.get('model') or _model_record(args, data, label_dim)
@@ -85,7 +105,7 @@ def cmd_train(args) -> int:
         n = 64 if next(ema.parameters()).is_cuda else 16
         labels = torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else None
         save_grid(generate(ema, list(range(n)), class_labels=labels), path)
-    meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data)))
+    meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data), fingerprint=fingerprint))
     t0 = time.time()
     training.training_loop(net, EDMLoss(), data, config, outdir, meta=meta, label_dim=label_dim, device=args.device,
                            augment_pipe=augment_pipe, resume=resume, grid_fn=grid_fn, progress=not args.quiet)
@@ -103,7 +123,7 @@ def add_train_parser(sub, presets):
     a = p.add_argument
     a('--dataset', choices=datasets.DATASETS, help='the training images')
     a('--data', metavar='PATH', help='image folder (dataset folder), or download root (fashion-mnist, cifar10)')
-    a('--resolution', type=positive_int, help='image size (folder: any, with --transform; fashion-mnist and cifar10: '
+    a('--resolution', type=resolution, help='image size (folder: any, with --transform; fashion-mnist and cifar10: '
                                                '32 or an average-pooled 16, 8, ...)')
     a('--transform', choices=datasets.TRANSFORMS, help='for dataset folder: how to bring images to --resolution')
     a('--preset', choices=presets, help='network preset (chapter 7)')
@@ -115,12 +135,14 @@ def add_train_parser(sub, presets):
     d = p.add_mutually_exclusive_group()
     d.add_argument('--duration', type=parse_count, metavar='NIMG', help='training images, e.g. 200M (default)')
     d.add_argument('--steps', type=positive_int, help='optimizer steps (instead of --duration)')
-    a('--lr', type=positive_float, help='Adam learning rate (default 10e-4)')
+    a('--lr', type=learning_rate, help='Adam learning rate, at most 1 (default 10e-4)')
     a('--lr-rampup', type=parse_count, metavar='NIMG', help='learning-rate ramp-up in images (default 10M; 0: none)')
     a('--ema', type=parse_count, metavar='NIMG', help='EMA half-life in images (default 0.5M)')
     a('--seed', type=nonneg_int, help='random seed (default 0)')
     a('--outdir', help='run directory (default with --resume: the checkpoint\'s)')
     a('--resume', metavar='CHECKPOINT', help='a checkpoint file or a run directory (its latest checkpoint)')
+    a('--allow-data-change', action='store_true', help='with --resume: continue even if the training images changed '
+                                                       'since the run started (their fingerprint differs)')
     a('--precision', choices=training.PRECISIONS, help='fp32 (TF32 off, default) or bf16 autocast')
     a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile the network')
     a('--channels-last', action=argparse.BooleanOptionalAction, help='channels_last memory layout')
@@ -128,7 +150,8 @@ def add_train_parser(sub, presets):
     a('--grid-every', type=positive_int, metavar='STEPS', help='sample-grid interval (default: never)')
     a('--log-every', type=positive_int, metavar='STEPS', help='metrics interval (default 100)')
     a('--keep', type=nonneg_int, help='checkpoints kept (default 2; 0 keeps all)')
-    a('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: one GPU per process)')
+    a('--device', type=device, help='cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: one GPU per '
+                                    'process)')
     a('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=cmd_train)
     return p
