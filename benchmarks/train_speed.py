@@ -31,41 +31,64 @@ def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
 
-def measure(args, mode: str) -> dict:
-    """Time `args.steps` training steps (after `args.warmup`) and one sampling batch in one mode."""
-    from edm_lit import cli, train
+def model_record(preset: str, **overrides) -> dict:
+    """The `model` record (as a checkpoint stores it) of an unconditional preset without augmentation labels."""
+    return dict(preset=preset, overrides=dict(label_dim=0, augment_dim=0, **overrides))
+
+
+def random_images(model: dict, n: int, seed: int = 0):
+    """`n` uniform random images in [-1, 1] of the shape the model record's network takes, as an ImageSet."""
     from edm_lit.data import ImageSet
-    from edm_lit.loss import EDMLoss
     from edm_lit.networks import PRESETS
-    device = torch.device(args.device)
-    knobs = dict(MODES[mode], compile=MODES[mode]['compile'] and not args.no_compile)
-    preset = PRESETS[args.preset]
-    res, ch = preset['img_resolution'], preset['in_channels']
-    torch.manual_seed(0)
-    net = cli.build_net(dict(preset=args.preset, overrides=dict(label_dim=0, augment_dim=0)))
-    images = torch.rand(max(args.batch * 4, 64), ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    data = ImageSet(images, torch.zeros(len(images), dtype=torch.long), 'random')
-    total = args.warmup + args.steps
-    config = train.TrainConfig(batch_size=args.batch, total_nimg=total * args.batch, lr_rampup_nimg=0,
-                               log_every=total, checkpoint_every=None, **knobs)
-    stamps = {}
+    shape = {**PRESETS[model['preset']], **model['overrides']}
+    res, ch = shape['img_resolution'], shape['in_channels']
+    images = torch.rand(n, ch, res, res, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return ImageSet(images, torch.zeros(n, dtype=torch.long), 'random')
+
+
+def time_training(net, data, config, device, warmup: int):
+    """Run `edm_lit.train.training_loop`; returns (ema, images/s over the steps after `warmup`, peak MiB)."""
+    from edm_lit import train
+    from edm_lit.loss import EDMLoss
+    device, stamps = torch.device(device), {}
 
     def callback(step):
-        if step in (args.warmup, total):
+        if step in (warmup, config.total_steps):
             _sync(device)
             stamps[step] = time.perf_counter()
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
     ema, _ = train.training_loop(net, EDMLoss(), data, config, device=device, callback=callback, progress=False)
-    train_ips = args.steps * args.batch / (stamps[total] - stamps[args.warmup])
-    train_mem = _peak_memory_mib(device)
-    seeds = list(range(args.sample_batch))
-    with torch.autocast(device.type, torch.bfloat16, enabled=knobs['precision'] == 'bf16'):
-        cli.generate(ema, seeds[:2], batch=args.sample_batch)  # warm-up
+    timed = config.total_steps - warmup
+    return ema, timed * config.batch_size / (stamps[config.total_steps] - stamps[warmup]), _peak_memory_mib(device)
+
+
+def time_sampling(net, n: int, batch: int, bf16: bool, num_steps: int = 18, warmup_images: int = 2) -> float:
+    """Images/s of the EDM sampler (Heun, 2 num_steps - 1 NFE, one seed per image) after a warm-up run."""
+    from edm_lit import cli
+    device = next(net.parameters()).device
+    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        cli.generate(net, list(range(warmup_images)), batch=batch, num_steps=num_steps)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        cli.generate(ema, seeds, num_steps=18, batch=args.sample_batch)  # 2 * 18 - 1 = 35 NFE
+        cli.generate(net, list(range(n)), num_steps=num_steps, batch=batch)
         _sync(device)
-    sample_ips = len(seeds) / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0)
+
+
+def measure(args, mode: str) -> dict:
+    """Time `args.steps` training steps (after `args.warmup`) and one sampling batch in one mode."""
+    from edm_lit import cli, train
+    device = torch.device(args.device)
+    knobs = dict(MODES[mode], compile=MODES[mode]['compile'] and not args.no_compile)
+    model = model_record(args.preset)
+    torch.manual_seed(0)
+    net = cli.build_net(model)
+    data = random_images(model, max(args.batch * 4, 64))
+    total = args.warmup + args.steps
+    config = train.TrainConfig(batch_size=args.batch, total_nimg=total * args.batch, lr_rampup_nimg=0,
+                               log_every=total, checkpoint_every=None, **knobs)
+    ema, train_ips, train_mem = time_training(net, data, config, device, args.warmup)
+    sample_ips = time_sampling(ema, args.sample_batch, args.sample_batch, knobs['precision'] == 'bf16')
     return dict(mode=mode, **knobs, train_images_per_s=train_ips, peak_memory_mib=train_mem,
                 sample_images_per_s=sample_ips, parameters=sum(p.numel() for p in net.parameters()))
 

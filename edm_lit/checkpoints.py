@@ -6,11 +6,13 @@ A checkpoint is a pair of files sharing a stem, e.g. `run/training-state-0000040
   (`optimizer.<param index>.<key>`), all on the CPU;
 - the `.json` file (the record) holds everything else: the configuration, the step and the number of images seen,
   the run id, the data set's fingerprint, the random number generator states (base64 text), the optimizer's
-  hyper-parameters, the SHA-256 and size of the tensor file and the SHA-256 of the record itself (`record_sha256`).
+  hyper-parameters, the SHA-256 and size of the tensor file and the SHA-256 of the record itself (`record_sha256`:
+  always there in records of `FORMAT`; a record without it is refused unless its format is an earlier one,
+  `LEGACY_FORMATS`, written before records were sealed).
   Its schema is in `edm_lit.validators`; a record holding only a model (written without training state, e.g. by a
   converter) is a valid checkpoint for sampling, `info` and `eval`, not for resuming.
 
-The JSON file is written last: a checkpoint exists once its JSON file does. Each file is written to a temporary name,
+The JSON file is written last: a checkpoint exists once its JSON file does. Each file is written (with the mode the umask gives) to a temporary name,
 flushed, fsynced, renamed over its final name with `os.replace` and the directory is fsynced, so a crash (even
 `kill -9`) leaves either the old checkpoint or the new one, never half of one; what a crash leaves behind (temporary
 files, tensors without their JSON, a torn last line of metrics.jsonl) is cleared when the run resumes, and a run
@@ -35,19 +37,27 @@ from safetensors.torch import save as safetensors_save
 
 from . import validators
 
-__all__ = ['FORMAT', 'CheckpointError', 'atomic_write', 'checkpoint_paths', 'save_checkpoint', 'load_checkpoint',
-           'read_meta', 'find_latest', 'list_checkpoints', 'prune_checkpoints', 'module_tensors', 'optimizer_tensors',
+__all__ = ['FORMAT', 'LEGACY_FORMATS', 'CheckpointError', 'atomic_write', 'checkpoint_paths', 'save_checkpoint',
+           'load_checkpoint', 'read_meta', 'find_latest', 'list_checkpoints', 'prune_checkpoints', 'module_tensors', 'optimizer_tensors',
            'load_optimizer', 'rng_state', 'set_rng_state', 'encode_tensor', 'decode_tensor', 'load_module',
            'save_training_state', 'restore_training_state', 'record_sha256', 'read_training_meta',
            'check_model_record']
 
-FORMAT = 'edm-lit-checkpoint/1'
-_STEM = 'training-state-{step:08d}'
-_STEM_RE = re.compile(r'^training-state-(\d{8})\.json$')
+FORMAT = 'edm-lit-checkpoint/2'  # records of this format always carry record_sha256
+LEGACY_FORMATS = ('edm-lit-checkpoint/1',)  # earlier records: read too; record_sha256 may be absent (before sealing)
+_STEM = 'training-state-{step:08d}'  # 8 digits or more: step 10**8 is training-state-100000000
+_STEM_RE = re.compile(r'^training-state-([0-9]{8,})\.json$')
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, truncated or does not fit the run; the message names the path."""
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path, data: bytes) -> Path:
@@ -55,6 +65,7 @@ def atomic_write(path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -162,14 +173,17 @@ def _read_json(json_path: Path) -> dict:
         raise CheckpointError(f'checkpoint {json_path} is corrupt or truncated (not valid JSON: {e})') from e
     if not isinstance(meta, dict) or not isinstance(meta.get('format'), str):
         raise CheckpointError(f'{json_path} is not an edm-lit checkpoint (a JSON object with format {FORMAT!r})')
-    if meta['format'] != FORMAT:
+    if meta['format'] != FORMAT and meta['format'] not in LEGACY_FORMATS:
         raise CheckpointError(f'{json_path} is not an edm-lit checkpoint of this version: format {meta["format"]!r}, '
                               f'expected {FORMAT!r}')
+    if 'record_sha256' not in meta and meta['format'] == FORMAT:
+        raise CheckpointError(f'checkpoint {json_path} lacks the field \'record_sha256\' that every {FORMAT} record '
+                              f'carries: it was changed after it was written')
     try:
         validators.check_fields(meta, validators.RECORD_FIELDS, f'checkpoint {json_path}')
         if 'model' in meta: check_model_record(meta['model'], f'checkpoint {json_path}: model')
     except ValueError as e: raise CheckpointError(str(e)) from None
-    if 'record_sha256' in meta and meta['record_sha256'] != record_sha256(meta):  # absent: written before sealing
+    if 'record_sha256' in meta and meta['record_sha256'] != record_sha256(meta):  # absent: a LEGACY_FORMATS record
         raise CheckpointError(f'checkpoint {json_path} was changed after it was written: its SHA-256 differs from '
                               f'the record_sha256 it holds')
     if meta['tensors'] != checkpoint_paths(json_path)[0].name:
@@ -206,10 +220,11 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def list_checkpoints(run_dir) -> list[Path]:
-    """The JSON files of the checkpoints in `run_dir`, oldest step first."""
+    """The JSON files of the checkpoints in `run_dir`, oldest step first (by step: 99999999 before 100000000)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir(): return []
-    return sorted(p for p in run_dir.iterdir() if _STEM_RE.match(p.name))
+    found = [p for p in run_dir.iterdir() if _STEM_RE.match(p.name)]
+    return sorted(found, key=lambda p: (int(_STEM_RE.match(p.name)[1]), p.name))
 
 
 def find_latest(path) -> Path:

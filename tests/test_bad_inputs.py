@@ -260,6 +260,25 @@ CASES = [
     case('train-broken-symlink', NEW_RUN[:4] + ('{tmp}/data',) + NEW_RUN[5:] + ('--outdir', '{tmp}/new'), 1,
          '{tmp}/data/link.png is a broken symbolic link', lambda c: _folder_with(c, ('link.png', lambda p: p.symlink_to(
              c.tmp / 'nowhere.png')))),
+    # -------------------------------------------------------------------- review: folders, seeds, --out, --steps
+    case('sample-seeds-duplicate', SAMPLE + ('--seeds', '1,0-3'), 2, "seed 1 appears more than once in '1,0-3'"),
+    case('sample-seeds-full-width', SAMPLE + ('--seeds', '\uff10-3'), 2, "got '\uff10-3'"),
+    case('sample-steps-full-width', SAMPLE + ('--steps', '\uff13'), 2, "--steps: expected a positive integer"),
+    case('sample-outdir-a-file', ('sample', '{shared}', '--outdir', '{tmp}/f'), 1,
+         '--outdir {tmp}/f is an existing file; it must be a folder', lambda c: (c.tmp / 'f').write_text('keep me')),
+    case('eval-out-a-checkpoint', ('eval', '{run}', '--out', '{run}/' + STATE.format(4)), 1,
+         f'--out {{run}}/{STATE.format(4)} is a checkpoint file name', lambda c: c.run),
+    case('eval-out-an-existing-file', ('eval', '{shared}', '--out', '{tmp}/notes.txt'), 1,
+         '--out {tmp}/notes.txt exists and is not an earlier eval record: refusing to overwrite it',
+         lambda c: (c.tmp / 'notes.txt').write_text('{"fid": 1}')),
+    case('eval-save-images-a-file', ('eval', '{shared}', '--save-images', '{tmp}/f'), 1,
+         '--save-images {tmp}/f is an existing file', lambda c: (c.tmp / 'f').write_text('keep me')),
+    case('train-outdir-a-file', NEW_RUN + ('--outdir', '{tmp}/f'), 1, '--outdir {tmp}/f is a file; the run folder '
+         'must be a folder', lambda c: (c.tmp / 'f').write_text('keep me')),
+    case('train-outdir-inside-the-data', NEW_RUN[:4] + ('{tmp}/data',) + NEW_RUN[5:] + ('--outdir', '{tmp}/data/r'),
+         1, '--outdir {tmp}/data/r lies inside the image folder {tmp}/data', lambda c: _images(c.tmp / 'data')),
+    case('train-steps-below-the-resumed-step', ('train', '--resume', '{run}', '--steps', '2'), 1,
+         '--steps 2 is below the resumed step 4', lambda c: c.run),
 ]
 
 

@@ -179,3 +179,16 @@ def test_info_counts_the_official_parameters(capsys, tmp_path):
     code, out, err = _run(capsys, 'info', tmp_path)
     assert code == 0, err
     assert json.loads(out)['parameters'] == 55_733_891
+
+
+def test_a_huge_class_and_eval_out_over_an_earlier_record(tmp_path):
+    from edm_lit.cli.eval import EVAL_KEYS, check_out
+    from edm_lit.cli.sample import class_labels
+    with pytest.raises(ValueError, match='--class 99999999999999999999 is not in 0..9'):
+        class_labels(10, [0, 1], 99999999999999999999)
+    assert class_labels(10, [0, 1], 3).argmax(1).tolist() == [3, 3]
+    old = tmp_path / 'eval.json'
+    old.write_text(json.dumps(dict.fromkeys(EVAL_KEYS, 0)))
+    check_out(old)  # an earlier eval record may be replaced; a new name is fine too
+    check_out(tmp_path / 'new.json')
+    with pytest.raises(ValueError, match='is a folder'): check_out(tmp_path)

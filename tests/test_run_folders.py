@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,10 +200,107 @@ def test_the_record_is_sealed_and_validated_before_use(tmp_path):
     path.write_text(path.read_text().replace('"note": "x"', '"note": "y"'))
     with pytest.raises(checkpoints.CheckpointError, match=f'checkpoint {path} was changed after it was written'):
         checkpoints.read_meta(path)
-    record.pop('record_sha256')  # a record written before records were sealed still loads
+    record.pop('record_sha256')  # deleting the seal does not switch the check off ...
+    path.write_text(json.dumps(record))
+    with pytest.raises(checkpoints.CheckpointError, match="lacks the field 'record_sha256'"):
+        checkpoints.read_meta(path)
+    record['format'] = checkpoints.LEGACY_FORMATS[0]  # ... but a record written before records were sealed loads
     path.write_text(json.dumps(record))
     assert checkpoints.load_checkpoint(path)[1]['step'] == 5
     record['tensors_bytes'] = -1
     path.write_text(json.dumps(record))
     with pytest.raises(checkpoints.CheckpointError, match="field 'tensors_bytes' has the bad value -1"):
         checkpoints.read_meta(path)
+
+
+# ------------------------------------------------------------------ one run at a time; what a run folder may be
+def _lock_of(pid, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / runs.LOCK).write_text(json.dumps(dict(pid=pid, host=__import__('socket').gethostname())))
+
+
+def test_a_second_run_in_a_locked_folder_is_refused_and_the_lock_goes_on_exit(capsys, cli_run, tmp_path):
+    run = copy_run(cli_run / 'run', tmp_path / 'run')
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])  # a live process "holding" it
+    try:
+        fresh = tmp_path / 'fresh'
+        _lock_of(holder.pid, run)
+        _lock_of(holder.pid, fresh)
+        (run / '.metrics.jsonl.x.tmp').write_text('what a live run is writing')
+        before = sorted(p.name for p in run.iterdir())
+        for argv, folder in ((['--resume', run, '--steps', 6], run), (['--dataset', 'folder', '--data', cli_run /
+                             'images', '--preset', 'ddpmpp-small', '--steps', 2, '--outdir', fresh], fresh)):
+            code, err = _run(capsys, ['train', *argv, '--quiet'])
+            assert code == 1 and f'{folder} is in use by another run: process {holder.pid} holds' in err, err
+        assert sorted(p.name for p in run.iterdir()) == before  # nothing cleaned, truncated or written
+        assert [p.name for p in fresh.iterdir()] == [runs.LOCK]
+    finally:
+        holder.kill()
+        holder.wait()
+    err = _train(capsys, '--resume', run, '--steps', 6)  # the holder is gone: its lock is stale, taken over
+    assert f'{run}: took over the lock of a run that is gone (process {holder.pid}' in err
+    assert not (run / runs.LOCK).exists() and checkpoints.find_latest(run).name == 'training-state-00000006.json'
+
+
+def test_the_lock_is_given_back_on_errors_and_keyboard_interrupt(tmp_path, monkeypatch):
+    for error in (KeyboardInterrupt, checkpoints.CheckpointError):
+        with pytest.raises(error):
+            with runs.run_lock(tmp_path / 'r') as path:
+                assert json.loads(path.read_text())['pid'] == os.getpid()
+                raise error('stop')
+        assert not (tmp_path / 'r').exists()  # the folder the lock made, empty, goes with it
+    (tmp_path / 'r').mkdir()
+    with runs.run_lock(tmp_path / 'r'):
+        with runs.run_lock(tmp_path / 'r'): pass  # the same process may nest (start_run inside edm-lit train)
+        assert (tmp_path / 'r' / runs.LOCK).exists()
+    assert list((tmp_path / 'r').iterdir()) == []
+
+
+def test_two_runs_started_together_one_is_refused(tmp_path):
+    procs = [subprocess.Popen([sys.executable, str(HELPER), '--outdir', str(tmp_path / 'conc'), '--steps', '6',
+                               '--checkpoint-every', '2', '--stall-at', '1'], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT) for _ in range(2)]
+    try:
+        deadline = time.time() + 120
+        while all(p.poll() is None for p in procs) and time.time() < deadline: time.sleep(0.1)
+        time.sleep(0.5)  # one stalls holding the lock (--stall-at); the other is refused at once
+        assert sorted(str(p.poll()) for p in procs) == ['1', 'None'], [p.poll() for p in procs]
+        refused = next(p for p in procs if p.returncode == 1)
+        assert f'{tmp_path / "conc"} is in use by another run: process' in refused.stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_the_run_folder_must_not_lie_inside_the_image_folder(capsys, tmp_path):
+    images = _images(tmp_path / 'dd')
+    (tmp_path / 'link').symlink_to(images)
+    for out in (images / 'run', tmp_path / 'link' / 'run', images):
+        code, err = _run(capsys, ['train', '--dataset', 'folder', '--data', images, '--preset', 'ddpmpp-small',
+                                  '--steps', 2, '--outdir', out, '--quiet'])
+        assert code == 1 and f'--outdir {out} lies inside the image folder {images}' in err, err
+    assert sorted(p.name for p in images.iterdir()) == [f'{i:02d}.png' for i in range(12)]
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(capsys, cli_run, tmp_path):
+    run = copy_run(cli_run / 'run', tmp_path / 'run')
+    code, err = _run(capsys, ['train', '--resume', run, '--steps', 2])
+    assert code == 1 and '--steps 2 is below the resumed step 4' in err, err
+    code, err = _run(capsys, ['train', '--resume', run, '--duration', 8])
+    assert code == 1 and '--duration 8 images (2 steps of 4) is below the resumed step 4' in err, err
+
+
+def test_files_get_the_umask_mode_and_steps_past_10_to_the_8_are_listed(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = checkpoints.save_checkpoint(tmp_path, 10 ** 8, {'x': torch.zeros(1)}, {})
+        runs.append_metrics(tmp_path, {'step': 1})
+        runs.append_metrics(tmp_path, None, truncate_after=0)  # rewritten by atomic_write
+    finally: os.umask(old)
+    for p in (path, checkpoints.checkpoint_paths(path)[0], tmp_path / 'metrics.jsonl'):
+        assert p.stat().st_mode & 0o777 == 0o640, (p, oct(p.stat().st_mode))
+    checkpoints.save_checkpoint(tmp_path, 99999999, {'x': torch.zeros(1)}, {})
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ['training-state-99999999.json',
+                                                                       'training-state-100000000.json']
+    assert checkpoints.find_latest(tmp_path).name == 'training-state-100000000.json'

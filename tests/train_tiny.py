@@ -141,6 +141,7 @@ def main(argv=None):
     except (train.TrainingDiverged, checkpoints.CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    finally: runs.release_lock(args.outdir)  # the folder's lock, taken by rank 0 in runs.start_run
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     print(f'RANK {rank} OF {world} WEIGHTS {weights_sha(net)} EMA {weights_sha(ema)}', flush=True)

@@ -19,7 +19,7 @@ _SUFFIX = {'': 1, 'k': 10**3, 'M': 10**6, 'G': 10**9}
 
 def parse_count(text: str) -> int:
     """'200M' -> 200000000, '0.5M' -> 500000, '64' -> 64: a whole number of images, >= 0."""
-    m = re.fullmatch(r'(\d+(?:\.\d*)?|\.\d+)([kMG]?)', text.strip())
+    m = re.fullmatch(r'([0-9]+(?:\.[0-9]*)?|\.[0-9]+)([kMG]?)', text.strip())  # ASCII digits only
     value = float(m[1]) * _SUFFIX[m[2]] if m else -1
     if not m or value != int(value) or value < 0:
         raise argparse.ArgumentTypeError(f'expected a count of images like 5000, 10k or 0.5M, got {text!r}')
@@ -29,7 +29,7 @@ def parse_count(text: str) -> int:
 def number(kind, ok, what):
     """A parser of `kind` (int, float) accepting the values for which `ok(value)` holds; `what` names them."""
     def parse(text):
-        try: value = kind(text)
+        try: value = kind(text) if text.isascii() else None  # int('１') would be 1: ASCII digits only
         except ValueError: value = None
         if value is None or not ok(value): raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
         return value
@@ -55,16 +55,23 @@ def device(text: str):
 
 def parse_seeds(text: str) -> list[int]:
     """'0-63' -> [0, ..., 63]; '1,5,10-12' -> [1, 5, 10, 11, 12] (as the official generate.py --seeds); each seed
-    below 2**32 (the sampler takes seed % 2**32) and at most a million of them."""
+    below 2**32 (the sampler takes seed % 2**32), at most a million of them, none twice, ASCII digits only."""
     ranges = []
     for part in text.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+))?\s*', part)
+        m = re.fullmatch(r'\s*([0-9]+)\s*(?:-\s*([0-9]+))?\s*', part)  # ASCII digits: not '０-3'
         if not m or (m[2] is not None and int(m[2]) < int(m[1])):
             raise argparse.ArgumentTypeError(f'expected seeds like 0-63 or 1,5,10-12, got {text!r}')
         ranges.append((int(m[1]), int(m[2] or m[1])))
     try: validators.check_seed_ranges(ranges, text)
     except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
-    return [s for a, b in ranges for s in range(a, b + 1)]
+    seeds = [s for a, b in ranges for s in range(a, b + 1)]
+    if len(set(seeds)) < len(seeds):  # one PNG per seed: a repeated seed would overwrite its own file
+        seen, twice = set(), None
+        for s in seeds:
+            if s in seen: twice = s; break
+            seen.add(s)
+        raise argparse.ArgumentTypeError(f'seed {twice} appears more than once in {text!r}: one image per seed')
+    return seeds
 
 
 def format_seeds(seeds) -> str:

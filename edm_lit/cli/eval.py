@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from ..data import load_fashion_mnist
 from ..datasets import load_image_folder
 from ..features import inception_path
 from .args import format_seeds, parse_seeds, positive_int, nonneg_int
-from .sample import (CHURN_ARGS, GENERATION_DEFAULTS, add_generation_arguments, churn_kwargs, class_labels, generate,
-                     load_net, nfe, write_pngs)
+from .sample import (CHURN_ARGS, GENERATION_DEFAULTS, add_generation_arguments, check_outdir, churn_kwargs,
+                     class_labels, generate, load_net, nfe, write_pngs)
 
-__all__ = ['SAMPLE_GRID', 'load_samples', 'summary_line', 'cmd_eval', 'add_eval_parser']
+__all__ = ['SAMPLE_GRID', 'EVAL_KEYS', 'check_out', 'load_samples', 'summary_line', 'cmd_eval', 'add_eval_parser']
 
 SAMPLE_GRID = 'grid.png'  # `edm-lit sample` writes it beside the samples: a picture of them, not one of them
+EVAL_KEYS = ('fid', 'kid', 'floor_fid', 'floor_kid', 'n', 'input', 'kind')  # every eval record has them
 _GENERATION_FLAGS = ('seeds', 'sampler', 'steps', 'weights', *CHURN_ARGS, 'save_images')
 
 
@@ -78,6 +80,22 @@ def _generate(args, n_max: int, device) -> tuple[torch.Tensor, dict]:
     return images.float() / 127.5 - 1, record
 
 
+def check_out(out) -> None:
+    """--out may name a new file or a previous eval record (replaced), nothing else: not a checkpoint's file, not a
+    file inside a run folder under a checkpoint's name, not any other existing file."""
+    if out is None: return
+    path = Path(out)
+    if re.fullmatch(r'training-state-[0-9]+\.(json|safetensors)', path.name):
+        raise ValueError(f'--out {out} is a checkpoint file name; write the eval record elsewhere (e.g. eval.json)')
+    if not path.exists(): return
+    if path.is_dir(): raise ValueError(f'--out {out} is a folder; it must name a file (e.g. {path / "eval.json"})')
+    try: old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError): old = None
+    if not (isinstance(old, dict) and all(k in old for k in EVAL_KEYS)):
+        raise ValueError(f'--out {out} exists and is not an earlier eval record: refusing to overwrite it; pick '
+                         f'another name')
+
+
 def summary_line(r: dict) -> str:
     """'FID 327.2 (floor 19.43)  KID 118.5 (floor -2.282)  n=500, domain features, vs fashion-test'."""
     return (f"FID {r['fid']:.4g} (floor {r['floor_fid']:.4g})  KID {r['kid']:.4g} (floor {r['floor_kid']:.4g})  "
@@ -105,6 +123,8 @@ def _read_folder(folder, features: str) -> tuple[torch.Tensor, dict]:
 def cmd_eval(args) -> int:
     """FID and KID (chapter 10) of a checkpoint's samples or of a folder of images, with the real-vs-real floor."""
     t0 = time.time()
+    check_out(args.out)
+    check_outdir(args.save_images, '--save-images')
     if args.features == 'inception':  # fail before generating anything if the optional extra is missing
         try: inception_path()
         except ImportError as e: raise ValueError(str(e)) from None
@@ -149,7 +169,9 @@ def add_eval_parser(sub):
     add_generation_arguments(p)
     p.set_defaults(**dict.fromkeys(GENERATION_DEFAULTS))  # None: not given (the defaults apply to a checkpoint)
     p.add_argument('--save-images', metavar='DIR', help='checkpoint: also write the images as `edm-lit sample` does')
-    p.add_argument('--out', metavar='FILE', help='also write the JSON record (settings and results) to FILE')
+    p.add_argument('--out', metavar='FILE', help='also write the JSON record (settings and results) to FILE: a new '
+                                                  'file, or an earlier eval record (replaced); any other existing '
+                                                  'file, or a checkpoint name, is refused')
     p.add_argument('--json', action='store_true', help='print the JSON record instead of the one-line summary')
     p.set_defaults(func=cmd_eval)
     return p

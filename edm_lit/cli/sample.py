@@ -18,7 +18,7 @@ from .. import checkpoints, validators
 from .args import device, finite_nonneg_float, nonneg_float, nonneg_int, parse_seeds, positive_int
 
 __all__ = ['SAMPLERS', 'MULTISTEP', 'GENERATION_DEFAULTS', 'CHURN_ARGS', 'build_net', 'load_net', 'generate',
-           'nfe', 'churn_kwargs', 'class_labels', 'save_grid', 'write_pngs', 'add_generation_arguments', 'cmd_sample',
+           'nfe', 'churn_kwargs', 'class_labels', 'check_outdir', 'save_grid', 'write_pngs', 'add_generation_arguments', 'cmd_sample',
            'add_sample_parser']
 
 SAMPLERS = {'heun': dict(S_churn=0.0), 'churn': dict(S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003)}
@@ -92,6 +92,8 @@ def class_labels(label_dim: int, seeds, class_label=None, checkpoint=None):
     if class_label is not None and not label_dim:
         raise ValueError(f'--class {class_label} given, but the model in {checkpoint} is unconditional')
     if not label_dim: return None
+    if class_label is not None and class_label >= label_dim:  # before a tensor: 10**20 does not fit an int64
+        raise ValueError(f'--class {class_label} is not in 0..{label_dim - 1}')
     classes = torch.tensor([class_label] * len(seeds)) if class_label is not None else torch.tensor(seeds) % label_dim
     if classes.max() >= label_dim: raise ValueError(f'--class {class_label} is not in 0..{label_dim - 1}')
     return torch.eye(label_dim)[classes]
@@ -116,8 +118,15 @@ def write_pngs(images: torch.Tensor, seeds, outdir) -> Path:
     return out
 
 
+def check_outdir(path, flag='--outdir') -> None:
+    """Refuse an output folder that exists as something else than a folder (a file), before any work."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f'{flag} {path} is an existing file; it must be a folder (pick another name)')
+
+
 def cmd_sample(args) -> int:
     """Write one PNG per seed and a grid, from a checkpoint's EMA (or raw) weights."""
+    check_outdir(args.outdir)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     net, meta = load_net(args.checkpoint, args.weights, device)
     labels = class_labels(meta['model']['overrides']['label_dim'], args.seeds, args.class_label, args.checkpoint)

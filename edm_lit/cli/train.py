@@ -10,6 +10,8 @@ the EDM loss (chapter 6) and, optionally, the non-leaky augmentation (chapter 8)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 import warnings
 from dataclasses import fields
@@ -65,28 +67,30 @@ def _check_same_data(d: dict, data, fingerprint: str, allow: bool) -> None:
     warnings.warn(f'{message}; continuing on the new images (--allow-data-change)', runs.RunWarning)
 
 
-def cmd_train(args) -> int:
-    """Train (or resume) a model; checkpoints, metrics.jsonl and sample grids go to --outdir (one run's folder)."""
-    saved, resume = {}, None
-    if args.resume:
-        fixed = [f'--{k}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond', 'augment',
-                                    'dropout') if getattr(args, k) is not None]
-        if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
-        resume = checkpoints.find_latest(args.resume)
-        saved = checkpoints.read_training_meta(resume)
-        validators.check_fields(saved, dict(model=(dict, True, None), data=(dict, True, None)), f'checkpoint {resume}')
-        validators.check_fields(saved['data'], validators.DATA_FIELDS, f'checkpoint {resume}: data')
-        outdir = Path(args.outdir or resume.parent)
-    else:
-        if args.allow_data_change: raise ValueError('--allow-data-change applies only with --resume')
-        if args.outdir is None or args.dataset is None or args.preset is None:
-            raise ValueError('a new run needs --dataset, --preset and --outdir (or --resume a checkpoint)')
-        outdir = Path(args.outdir)
-    runs.claim_run_dir(outdir, resume)  # before anything is loaded or written: the folder must be this run's
-    config = _train_config(args, saved.get('config', {}))
-    d = saved.get('data') or dict(dataset=args.dataset, path=args.data and str(Path(args.data).resolve()),
-                                  resolution=args.resolution, transform=args.transform, cond=bool(args.cond),
-                                  augment=args.augment or 0.0)
+def _check_outdir(outdir: Path, d: dict) -> None:
+    """The run folder must not lie inside the image folder trained on: the run's own files would become training
+    images (and the data set's fingerprint would change under the run, which could never be resumed)."""
+    if d.get('dataset') != 'folder' or not d.get('path'): return
+    data, out = Path(d['path']).resolve(), outdir.resolve()
+    if out == data or data in out.parents:
+        raise ValueError(f'--outdir {outdir} lies inside the image folder {d["path"]} that the run trains on; its '
+                         f'checkpoints and metrics would become training images: pick an --outdir outside it')
+
+
+def _check_total(args, config, saved: dict) -> None:
+    """On resume: --steps / --duration must not end the run before the step it resumes from."""
+    step = saved.get('step')
+    if step is None or config.total_steps >= step: return
+    if args.steps is not None: given = f'--steps {args.steps}'
+    else: given = f'--duration {config.total_nimg} images ({config.total_steps} steps of {config.batch_size})'
+    raise ValueError(f'{given} is below the resumed step {step} ({step * config.batch_size} images): the run '
+                     f'would not train; give more --steps (or --duration) than the checkpoint has')
+
+
+def _train(args, saved: dict, resume, outdir: Path, config, d: dict) -> None:
+    """cmd_train once the run folder's lock is held: claim the folder (again: no other run can now write into it),
+    load, train."""
+    runs.claim_run_dir(outdir, resume)
     data = datasets.load_dataset(d['dataset'], d['path'], d['resolution'], d['transform'])
     fingerprint = datasets.fingerprint(data)
     if resume: _check_same_data(d, data, fingerprint, args.allow_data_change)
@@ -112,6 +116,36 @@ def cmd_train(args) -> int:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f'reached step {config.total_steps} ({config.total_steps * config.batch_size} images) after '
               f'{time.time() - t0:.1f} s; latest checkpoint: {checkpoints.find_latest(outdir)}')
+
+
+def cmd_train(args) -> int:
+    """Train (or resume) a model; checkpoints, metrics.jsonl and sample grids go to --outdir (one run's folder)."""
+    saved, resume = {}, None
+    if args.resume:
+        fixed = [f'--{k}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond', 'augment',
+                                    'dropout') if getattr(args, k) is not None]
+        if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
+        resume = checkpoints.find_latest(args.resume)
+        saved = checkpoints.read_training_meta(resume)
+        validators.check_fields(saved, dict(model=(dict, True, None), data=(dict, True, None)), f'checkpoint {resume}')
+        validators.check_fields(saved['data'], validators.DATA_FIELDS, f'checkpoint {resume}: data')
+        outdir = Path(args.outdir or resume.parent)
+    else:
+        if args.allow_data_change: raise ValueError('--allow-data-change applies only with --resume')
+        if args.outdir is None or args.dataset is None or args.preset is None:
+            raise ValueError('a new run needs --dataset, --preset and --outdir (or --resume a checkpoint)')
+        outdir = Path(args.outdir)
+    runs.claim_run_dir(outdir, resume)  # before anything is loaded or written: the folder must be this run's
+    d = saved.get('data') or dict(dataset=args.dataset, path=args.data and str(Path(args.data).resolve()),
+                                  resolution=args.resolution, transform=args.transform, cond=bool(args.cond),
+                                  augment=args.augment or 0.0)
+    _check_outdir(outdir, d)
+    config = _train_config(args, saved.get('config', {}))
+    _check_total(args, config, saved)
+    # one run at a time in a folder (rank 0 holds the lock; under torchrun the other ranks write nothing there)
+    lock = runs.run_lock(outdir) if int(os.environ.get('RANK', '0')) == 0 else contextlib.nullcontext()
+    with lock:
+        _train(args, saved, resume, outdir, config, d)
     return 0
 
 
