@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import pickletools
+import reprlib
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -24,17 +26,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ['OfficialPickleError', 'Persistent', 'MODULE_RECORDS', 'ALLOWED', 'read_snapshot', 'describe', 'refuse']
+__all__ = ['OfficialPickleError', 'Persistent', 'MODULE_RECORDS', 'ALLOWED', 'read_snapshot', 'describe', 'refuse',
+           'short', 'message', 'MAX_NODES', 'MAX_DEPTH', 'MAX_TUPLE_NODES', 'MAX_TUPLE_DEPTH']
+
+# Bounds on the work any traversal of unpickled data may do. A pickle shares objects through its memo, so a few
+# hundred bytes (a = []; 40 x a = [a, a]) describe 2**40 leaves once expanded: every walk here counts the nodes it
+# visits (repeats included) and its depth, and stops with a message instead of expanding.
+MAX_NODES = 100_000  # nodes one walk of a value (init_kwargs, dataset_kwargs, ...) may visit; the real ones: < 100
+MAX_DEPTH = 32       # nesting of such a value; the real ones: <= 3
+MAX_TUPLE_NODES = 10_000  # the expanded size of one tuple the opcodes build (see _check_opcodes); the fixtures: 15
+MAX_TUPLE_DEPTH = 20      # the nesting of tuples in tuples; the fixtures: 2
 
 
 class OfficialPickleError(ValueError):
     """A file is not an official EDM snapshot we can read safely and map onto our classes; the message says why."""
 
 
+class _ShortRepr(reprlib.Repr):
+    """reprlib with small limits (at most 4**3 leaves), and without calling the repr of a tensor or of a huge int."""
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxtuple, self.maxlist, self.maxarray, self.maxdict = 3, 4, 4, 4, 4
+        self.maxset, self.maxfrozenset, self.maxdeque, self.maxstring, self.maxlong, self.maxother = 4, 4, 4, 40, 40, 40
+
+    def repr1(self, x, level):
+        if isinstance(x, torch.Tensor): return f'<tensor of shape {self.repr1(tuple(x.shape), level)}>'
+        if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 128:
+            return f'<int of {x.bit_length()} bits>'
+        if isinstance(x, Persistent): return f'<persistent {self.repr1(x.class_name, level)}>'
+        if type(x).__repr__ is object.__repr__ or isinstance(x, (dict, list, tuple, set, frozenset, str, bytes,
+                                                                   int, float, type(None))):
+            return super().repr1(x, level)
+        return f'<{type(x).__name__}>'  # a stand-in's own repr could be anything
+
+
+short = _ShortRepr().repr  # a bounded repr of untrusted data: never builds the full str() first
+
+
+def message(e: BaseException, limit: int = 300) -> str:
+    """`type: text` of an exception met while reading untrusted data, without str() of values it may carry."""
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else ', '.join(short(a) for a in e.args[:3])
+    return f'{type(e).__name__}: {text[:limit]}'
+
+
 def describe(obj) -> str:
-    """A short description of an unpickled value, for messages."""
-    if isinstance(obj, Persistent): return f'a persistent {obj.class_name!r} object'
-    if isinstance(obj, dict): return f'a dict with keys {sorted(map(str, obj))[:8]}'
+    """A short description of an unpickled value, for messages (bounded: see `short`)."""
+    if isinstance(obj, Persistent): return f'a persistent {short(obj.class_name)} object'
+    if isinstance(obj, dict):
+        keys = [k if isinstance(k, str) else short(k) for k, _ in zip(obj, range(9))]
+        return f'a dict with keys {sorted(k[:40] for k in keys)[:8]}{" ..." if len(obj) > 8 else ""}'
     return f'a {type(obj).__name__}'
 
 
@@ -53,6 +93,9 @@ class Persistent:
     def __init__(self, class_name: str, module_src: str, state: dict, version=None):
         self.class_name, self.module_src, self.state, self.version = class_name, module_src, state, version
 
+    def __setstate__(self, state):  # the official pickles carry the state inside `meta`, never as BUILD
+        refuse('a torch_utils.persistence record with BUILD state (it would replace its checked fields)', state)
+
 
 def _persistent(meta):
     """Stand-in for `torch_utils.persistence._reconstruct_persistent_obj(meta)`: checks `meta`, executes nothing."""
@@ -65,6 +108,8 @@ def _persistent(meta):
 
 class _Container:
     """Stand-in for `torch.nn.ModuleDict`: pickle makes an empty one (NEWOBJ) and hands it its `__dict__` (BUILD)."""
+    state = None  # until BUILD gives it contents: `edm_lit.official` refuses a ModuleDict without them
+
     def __setstate__(self, state):
         if not isinstance(state, dict): refuse('a ModuleDict state must be a dict', state)
         self.state = state
@@ -88,7 +133,7 @@ class _DType:
 
     def __setstate__(self, state):  # numpy's (version, byte order, ...): for a number only the byte order matters
         if not (isinstance(state, tuple) and len(state) > 1 and state[1] in ('<', '>', '|', '=')):
-            refuse(f'numpy dtype state {str(state)[:80]} refused: expected (version, byte order, ...)')
+            refuse(f'numpy dtype state {short(state)} refused: expected (version, byte order, ...)')
         if state[1] in '<>': self.dtype = self.dtype.newbyteorder(state[1])
 
 
@@ -115,11 +160,12 @@ def _storage(data):
 
 def _tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """Stand-in for `torch._utils._rebuild_tensor_v2`: a bounds-checked view of a storage; no hooks, no metadata."""
-    numbers = [storage_offset, *size, *stride] if isinstance(size, tuple) and isinstance(stride, tuple) else [None]
-    if not (isinstance(storage, torch.storage.TypedStorage) and len(size) == len(stride) and not backward_hooks
-            and not metadata and all(type(n) is int and n >= 0 for n in numbers)):
-        refuse(f'a tensor must be (storage, offset, size, stride) without hooks; found size {str(size)[:60]}, '
-               f'stride {str(stride)[:60]}, offset {str(storage_offset)[:20]}')
+    ok = isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= 16
+    numbers = [storage_offset, *size, *stride] if ok else [None]
+    if not (ok and isinstance(storage, torch.storage.TypedStorage) and not backward_hooks and not metadata
+            and all(type(n) is int and n >= 0 for n in numbers)):
+        refuse(f'a tensor must be (storage, offset, size, stride) without hooks; found size {short(size)}, '
+               f'stride {short(stride)}, offset {short(storage_offset)}')
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -157,7 +203,55 @@ class _Unpickler(pickle.Unpickler):
         found = ALLOWED[module, name]
         return found if isinstance(found, type) else functools.partial(found)
 
-    def persistent_load(self, pid): refuse(f'refused a persistent id {str(pid)[:80]!r}: snapshots have none')
+    def persistent_load(self, pid): refuse(f'refused a persistent id {short(pid)}: snapshots have none')
+
+
+_GETS, _PUTS = {'GET', 'BINGET', 'LONG_BINGET'}, {'PUT', 'BINPUT', 'LONG_BINPUT'}
+_TUPLES = {'TUPLE': None, 'TUPLE1': 1, 'TUPLE2': 2, 'TUPLE3': 3, 'EMPTY_TUPLE': 0}
+
+
+def _check_opcodes(f) -> None:
+    """Refuse a pickle whose tuples, expanded, are huge or deep, before pickle builds anything.
+
+    pickle hashes a tuple used as a dict key or set member, and the hash of a tuple walks it expanded: a tuple built
+    from memo fetches of one smaller tuple (a = (); 40 x a = (a, a)) hashes 2**40 nodes inside `pickle.load`, where
+    nothing can stop it. So this pass follows the opcode stream (`pickletools.genops`, nothing built) with a stack
+    of sizes: each tuple opcode makes a value of size 1 + the sizes of its items, the memo keeps the sizes stored in
+    it, anything else is size 1 (a list or dict is not hashed through). The rule: no tuple may expand to more than
+    MAX_TUPLE_NODES nodes or nest deeper than MAX_TUPLE_DEPTH. The two real snapshots of shared/fixtures
+    (~17,000 opcodes, ~5,300 memo fetches, ~2,100 tuples each) have tuples of at most 15 nodes, 2 deep: the bounds
+    leave a margin of 10x and more, and the tuple bomb above (3 bytes a level) is refused at level 13.
+    """
+    stack, marks, memo = [], [], {}  # stack entries: (expanded size, depth)
+    try:
+        for op, arg, _ in pickletools.genops(f):
+            name = op.name
+            if name in _GETS: stack.append(memo.get(arg, (1, 0)))
+            elif name in _PUTS: memo[arg] = stack[-1]
+            elif name == 'MEMOIZE': memo[len(memo)] = stack[-1]
+            elif name == 'MARK': marks.append(len(stack))
+            elif name in _TUPLES:
+                n = _TUPLES[name]
+                start = marks.pop() if n is None else len(stack) - n
+                if start < 0: raise IndexError('stack underflow')
+                items, stack[start:] = stack[start:], []
+                size, depth = 1 + sum(s for s, _ in items), 1 + max((d for _, d in items), default=0)
+                if size > MAX_TUPLE_NODES or depth > MAX_TUPLE_DEPTH:
+                    refuse(f'a tuple nests too deeply or is too large once its shared parts are expanded (more than '
+                           f'{MAX_TUPLE_NODES} nodes or {MAX_TUPLE_DEPTH} levels: a "pickle bomb")')
+                stack.append((size, depth))
+            else:  # any other opcode: pops what it takes (down to the mark if it takes a slice), pushes size-1 values
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    start = marks.pop() - before.index(pickletools.markobject)
+                else: start = len(stack) - len(before)
+                if start < 0: raise IndexError('stack underflow')
+                del stack[start:]
+                after = [x for x in op.stack_after if x is not pickletools.markobject]
+                stack.extend([(1, 0)] * len(after))
+    except OfficialPickleError: raise
+    except Exception as e:  # malformed or truncated: pickle itself would fail too
+        raise OfficialPickleError(f'not a readable pickle ({message(e)})') from None
 
 
 def read_snapshot(path) -> dict:
@@ -169,10 +263,13 @@ def read_snapshot(path) -> dict:
             hint = ' (a zip archive: torch.save writes those, not the snapshot)' if head == b'PK' else ''
             refuse(f'{path} is not a pickle: it starts with {head!r}{hint}')
         f.seek(0)
+        try: _check_opcodes(f)
+        except OfficialPickleError as e: raise OfficialPickleError(f'{path}: {e}; nothing from it was run') from None
+        f.seek(0)
         try: data = _Unpickler(f).load()
         except OfficialPickleError as e: raise OfficialPickleError(f'{path}: {e}; nothing from it was run') from None
         except Exception as e:  # truncated, or malformed opcodes
-            raise OfficialPickleError(f'{path} is not a readable pickle ({type(e).__name__}: {e})') from None
+            raise OfficialPickleError(f'{path} is not a readable pickle ({message(e)})') from None
     if not (isinstance(data, dict) and isinstance(data.get('ema'), Persistent)):
         refuse(f"{path} is not an official EDM snapshot: expected a dict with an 'ema' network", data)
     return data

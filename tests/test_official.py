@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import types
 from collections import OrderedDict
 from pathlib import Path
@@ -92,7 +93,8 @@ def as_official(module, class_name=None, init_kwargs=None, init_args=()):
 def write_snapshot(path, ema, **extra):
     """A snapshot as the official training loop writes one: dict(ema, loss_fn, augment_pipe, dataset_kwargs)."""
     data = dict(ema=ema, loss_fn=Pickled('EDMLoss', dict(P_mean=-1.2, _init_args=(), _init_kwargs={})),
-                augment_pipe=None, dataset_kwargs=EasyDict(path='datasets/x.zip', use_labels=False), **extra)
+                augment_pipe=None, dataset_kwargs=EasyDict(path='datasets/x.zip', use_labels=False))
+    data.update(extra)
     with _official_names(): Path(path).write_bytes(pickle.dumps(data))
     return Path(path)
 
@@ -336,23 +338,92 @@ def _malicious(case, tmp_path, canary):
             def persistent_id(self, obj): return 'storage-7' if obj == 'x' else None
         with open(path, 'wb') as f: Pickler(f).dump({'ema': 'x'})
         return path, 'persistent id'
+    bomb, too_big = _bomb(), 'nests too deeply or is too large'
+    if case == 'bomb_init_kwargs':  # 2**40 leaves in 41 lists: every walk of it must stop early
+        ema = _valid_ema()
+        ema.meta['state']['_init_kwargs']['attn_resolutions'] = bomb
+        return write_snapshot(path, ema), 'init_kwargs attn_resolutions ' + too_big
+    if case == 'bomb_init_args':
+        ema = _valid_ema()
+        del ema.meta['state']['_init_kwargs']['img_resolution']
+        ema.meta['state']['_init_args'] = (bomb,)
+        return write_snapshot(path, ema), too_big
+    if case == 'bomb_dataset_kwargs':
+        return write_snapshot(path, _valid_ema(), dataset_kwargs=EasyDict(path=bomb)), 'dataset_kwargs ' + too_big
+    if case == 'bomb_tensor_size':
+        ema = _valid_ema()
+        ema.meta['state']['_modules']['model'].meta['state']['_parameters']['x'] = Reduce(
+            torch._utils._rebuild_tensor_v2, torch.zeros(4).storage(), 0, bomb, (1,), False, OrderedDict())
+        return write_snapshot(path, ema), 'a tensor must be (storage, offset, size, stride)'
+    if case == 'bomb_dict_key':  # a = (); 40 x a = (a, a); {a: 1}: hashing it inside pickle.load never ends
+        ops = b')q\x000' + b''.join(b'h%ch%c\x86q%c0' % (i, i, i + 1) for i in range(40))
+        return _dump(path, b'\x80\x02}' + ops + b'h(K\x01s.'), 'a tuple ' + too_big
+    if case.startswith('build_'):  # BUILD state on a persistent record: would replace its checked fields
+        ema, field = _valid_ema(), case[len('build_'):]
+        return write_snapshot(path, WithState(ema.meta, {field: 1 if field == 'module_src' else []})), 'BUILD state'
+    if case == 'empty_module_dict':  # a ModuleDict made but never given its contents
+        ema = _valid_ema()
+        ema.meta['state']['_modules']['model'] = Reduce(torch.nn.ModuleDict)
+        return write_snapshot(path, ema), 'model is a ModuleDict without contents'
+    if case == 'levels_without_blocks':  # num_blocks=0 skipped the size check: 200 levels took minutes to build
+        ema = _valid_ema()
+        ema.meta['state']['_init_kwargs'].update(num_blocks=0, channel_mult=[1] * 200, img_resolution=2 ** 200)
+        return write_snapshot(path, ema), 'channel_mult=[1, 1, 1, 1, ...]: expected 1..8 integers'
     raise KeyError(case)
+
+
+def _bomb(depth=40):
+    a = []
+    for _ in range(depth): a = [a, a]
+    return a
+
+
+class WithState:
+    """Pickles as a persistent record followed by BUILD with `state` (the official pickles never BUILD one)."""
+    def __init__(self, meta, state): self.meta, self.state = meta, state
+
+    def __reduce__(self): return _reconstruct_persistent_obj, (self.meta,), self.state
 
 
 CASES = ['os_system', 'eval', 'popen', 'exec_in_a_hook', 'storage_runs_code', 'module_src_unknown_class',
          'unknown_model_type', 'missing_weight', 'huge_num_blocks', 'object_dtype', 'truncated', 'not_a_pickle',
-         'zip_archive', 'no_ema', 'persistent_id']
+         'zip_archive', 'no_ema', 'persistent_id', 'bomb_init_kwargs', 'bomb_init_args', 'bomb_dataset_kwargs',
+         'bomb_tensor_size', 'bomb_dict_key', 'build_class_name', 'build_state', 'build_module_src',
+         'empty_module_dict', 'levels_without_blocks']
 
 
 @pytest.mark.parametrize('case', CASES)
 def test_malicious_or_broken_snapshots_are_refused(capsys, tmp_path, case):
     canary = tmp_path / 'pwned'
     path, words = _malicious(case, tmp_path, canary)
+    start = time.perf_counter()
     with pytest.raises(official.OfficialPickleError) as e: official.load_official_pickle(path)
     assert words in str(e.value), str(e.value)
+    assert time.perf_counter() - start < 2, 'a hostile input must be refused quickly'
     code, out, err = _run(capsys, 'convert', path, tmp_path / 'out')
     assert code == 1 and err.startswith('edm-lit convert: error: ') and words in err and 'Traceback' not in err, err
     assert not canary.exists() and not (tmp_path / 'out').exists()
+
+
+def test_convert_refuses_what_our_loader_would_refuse(capsys, tmp_path):
+    """18 attention resolutions: our classes build it, the checkpoint loader refuses it, so convert writes nothing."""
+    ema = _valid_ema()
+    kwargs = ema.meta['state']['_init_kwargs']
+    kwargs['attn_resolutions'] = [*kwargs.get('attn_resolutions', [16]), *range(100, 117)]  # 100+: no such level
+    code, _, err = _run(capsys, 'convert', write_snapshot(tmp_path / 's.pkl', ema), tmp_path / 'out')
+    assert code == 1 and 'attn_resolutions' in err and 'nothing was written' in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'out').exists()
+
+
+@needs_fixtures
+def test_the_real_snapshots_pass_the_opcode_check_with_a_margin(monkeypatch):
+    """The real snapshots' tuples (<= 15 nodes, 2 deep) pass bounds 10x tighter than edm_lit.persistence's."""
+    from edm_lit import persistence
+    assert persistence.MAX_TUPLE_NODES >= 10 * 150 and persistence.MAX_TUPLE_DEPTH >= 10 * 2
+    monkeypatch.setattr(persistence, 'MAX_TUPLE_NODES', 150)
+    monkeypatch.setattr(persistence, 'MAX_TUPLE_DEPTH', 2)
+    for path in sorted(FIXTURES.glob('*.pkl')):
+        with open(path, 'rb') as f: persistence._check_opcodes(f)
 
 
 def test_module_source_is_never_run(tmp_path):

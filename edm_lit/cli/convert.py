@@ -36,7 +36,12 @@ def cmd_convert(args) -> int:
         raise ValueError(f'{outdir} already holds checkpoints; pick a new OUTDIR')
     snapshot = official.read_official(source)
     net = official.build_official(snapshot, source)  # every name and shape checked before anything is written
-    path = checkpoints.save_checkpoint(outdir, 0, checkpoints.module_tensors('ema', net), checkpoint_meta(snapshot))
+    meta = checkpoint_meta(snapshot)
+    try: checkpoints.check_model_record(meta['model'], f'{source}: model')  # what `load_checkpoint` checks
+    except ValueError as e:
+        raise official.OfficialPickleError(f'{e}; edm-lit could not load such a checkpoint, so nothing was '
+                                           f'written') from None
+    path = checkpoints.save_checkpoint(outdir, 0, checkpoints.module_tensors('ema', net), meta)
     print(f'{source.name}: {snapshot.info["class_name"]} around {type(net.model).__name__} '
           f'({sum(p.numel() for p in net.parameters()):,} parameters) -> {path}')
     return 0
