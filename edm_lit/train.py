@@ -252,43 +252,47 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
     if resume is not None:
         start, _ = ckpt.restore_training_state(resume, net, ema, optimizer, {k: getattr(config, k) for k in TRAJECTORY})
     meta = dict(meta or {}, config=asdict(config), world_size=world_size)
-    if run_dir is not None and rank == 0: meta = runs.start_run(run_dir, meta, resume, start)  # run id, clean-up
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
-        if world_size > 1 else net
-    fwd = torch.compile(ddp) if config.compile else ddp
-    from tqdm.auto import tqdm
-    bar = tqdm(total=config.total_steps, initial=start, disable=rank != 0 or not progress, unit='step')
-    acc, n_acc, t0, history = torch.zeros((), device=device), 0, time.time(), []
-    for step in range(start, config.total_steps):
-        cur_nimg = step * config.batch_size
-        torch.manual_seed(derive_seed(config.seed, STREAM_STEP, step, rank))  # noise, dropout, augmentation
-        rounds = local_batches(batch_indices(step, config.batch_size, len(dataset), config.seed), rank, world_size,
-                               config.batch_gpu)
-        optimizer.zero_grad(set_to_none=True)
-        acc += accumulate_gradients(fwd, loss_fn, dataset, rounds, device, config, label_dim, augment_pipe)
-        lr = learning_rate(cur_nimg, config.lr, config.lr_rampup_nimg)
-        optimizer_step(net, optimizer, lr)
-        update_ema(ema, net, ema_beta(cur_nimg, config.batch_size, config.ema_halflife_nimg, config.ema_rampup_ratio))
-        done, n_acc = step + 1, n_acc + 1
-        bar.update()
-        if callback is not None: callback(done)
-        final = done == config.total_steps
-        if not (final or is_due(done, config.log_every) or is_due(done, config.checkpoint_every)
-                or is_due(done, config.grid_every)): continue
-        loss = global_mean(acc / n_acc, world_size)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f'training loss is {loss} at step {done} (mean over steps {done - n_acc + 1}-{done})'
-                                   f'; stopped without writing a checkpoint; last good checkpoint: {last or "none"}')
-        record = dict(step=done, nimg=done * config.batch_size, loss=loss, lr=lr, time=round(time.time() - t0, 3))
-        history.append(record)
-        bar.set_postfix(loss=f'{loss:.4f}')
-        acc.zero_()
-        n_acc = 0
-        if run_dir is None or rank != 0: continue
-        runs.append_metrics(run_dir, record)
-        if final or is_due(done, config.checkpoint_every):
-            last = ckpt.save_training_state(run_dir, done, net, ema, optimizer, dict(meta, nimg=record['nimg']),
-                                            config.keep, protect=resume)
-        if grid_fn is not None and is_due(done, config.grid_every): grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
-    bar.close()
+    lock = contextlib.ExitStack()  # the run folder's lock, held for the loop and given back however it ends
+    if run_dir is not None and rank == 0:
+        lock.enter_context(runs.run_lock(run_dir))
+        meta = runs.start_run(run_dir, meta, resume, start)  # run id, clean-up
+    with lock:
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
+            if world_size > 1 else net
+        fwd = torch.compile(ddp) if config.compile else ddp
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.total_steps, initial=start, disable=rank != 0 or not progress, unit='step')
+        acc, n_acc, t0, history = torch.zeros((), device=device), 0, time.time(), []
+        for step in range(start, config.total_steps):
+            cur_nimg = step * config.batch_size
+            torch.manual_seed(derive_seed(config.seed, STREAM_STEP, step, rank))  # noise, dropout, augmentation
+            rounds = local_batches(batch_indices(step, config.batch_size, len(dataset), config.seed), rank, world_size,
+                                   config.batch_gpu)
+            optimizer.zero_grad(set_to_none=True)
+            acc += accumulate_gradients(fwd, loss_fn, dataset, rounds, device, config, label_dim, augment_pipe)
+            lr = learning_rate(cur_nimg, config.lr, config.lr_rampup_nimg)
+            optimizer_step(net, optimizer, lr)
+            update_ema(ema, net, ema_beta(cur_nimg, config.batch_size, config.ema_halflife_nimg, config.ema_rampup_ratio))
+            done, n_acc = step + 1, n_acc + 1
+            bar.update()
+            if callback is not None: callback(done)
+            final = done == config.total_steps
+            if not (final or is_due(done, config.log_every) or is_due(done, config.checkpoint_every)
+                    or is_due(done, config.grid_every)): continue
+            loss = global_mean(acc / n_acc, world_size)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f'training loss is {loss} at step {done} (mean over steps {done - n_acc + 1}-{done})'
+                                       f'; stopped without writing a checkpoint; last good checkpoint: {last or "none"}')
+            record = dict(step=done, nimg=done * config.batch_size, loss=loss, lr=lr, time=round(time.time() - t0, 3))
+            history.append(record)
+            bar.set_postfix(loss=f'{loss:.4f}')
+            acc.zero_()
+            n_acc = 0
+            if run_dir is None or rank != 0: continue
+            runs.append_metrics(run_dir, record)
+            if final or is_due(done, config.checkpoint_every):
+                last = ckpt.save_training_state(run_dir, done, net, ema, optimizer, dict(meta, nimg=record['nimg']),
+                                                config.keep, protect=resume)
+            if grid_fn is not None and is_due(done, config.grid_every): grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
+        bar.close()
     return ema, history
