@@ -6,6 +6,7 @@ Modules:
 - `edm_lit.cli.args`: Argument types of the `edm-lit` command line (plain module, not generated).
 - `edm_lit.cli.convert`: `edm-lit convert`: an official EDM snapshot as our safetensors + JSON checkpoint (plain module, not generated).
 - `edm_lit.cli.eval`: `edm-lit eval`: FID and KID of a checkpoint's samples or of a folder of images (plain module, not generated).
+- `edm_lit.cli.export`: `edm-lit export`: a checkpoint's EMA (or raw) weights alone, as a small checkpoint (plain module, not generated).
 - `edm_lit.cli.info`: `edm-lit info`: a checkpoint's configuration and parameter count as JSON (plain module, not generated).
 - `edm_lit.cli.sample`: `edm-lit sample`: one PNG per seed and a grid from a checkpoint (plain module, not generated).
 - `edm_lit.cli.train`: `edm-lit train`: train a model, or resume one, from the command line (plain module, not generated).

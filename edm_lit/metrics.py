@@ -248,30 +248,41 @@ def load_images(images_or_folder, source: str = 'auto') -> torch.Tensor:
 
 def evaluate(images_or_folder, reference='fashion-test', features: str = 'domain', n: int | None = None,
              seed: int = 0, num_subsets: int = 100, max_subset_size: int = 1000, batch_size: int = 256,
-             device=None, source: str = 'auto') -> dict:
+             device=None, source: str = 'auto', floor_reference=None) -> dict:
     """FID and KID of n images against n reference images, with the real-vs-real floor at the same n: a JSON dict.
 
     `images_or_folder` and `reference`: a tensor in [-1, 1], an image folder or 'fashion-test' / 'fashion-train'
-    (read from `source`); `features`: 'domain' or 'inception'; n defaults to the most both sets allow. Returns
-    {fid, kid, floor_fid, floor_kid, n, feature_net, feature_dim, reference, seed, num_subsets, max_subset_size}.
+    (read from `source`); `features`: 'domain' or 'inception'; n defaults to the most both sets allow. The floor
+    compares n reference images with n others: from the reference set itself (2n drawn), or, when
+    `floor_reference` is given (e.g. 'fashion-train' against 'fashion-test'), n images of that set. Returns
+    {fid, kid, floor_fid, floor_kid, n, feature_net, feature_dim, reference, floor_reference, seed, num_subsets,
+    max_subset_size}.
     Eqs. eq-eval-fid, eq-eval-mmd-unbiased (Heusel et al. 2017; Bińkowski et al. 2018). Derived in chapter 10.
     """
     if features not in FEATURE_NETS:
         raise ValueError(f'unknown features {features!r}; expected one of {sorted(FEATURE_NETS)}')
     images = check_images(load_images(images_or_folder, source), 'images', **FEATURE_NETS[features])
     ref = check_images(load_images(reference, source), 'reference', **FEATURE_NETS[features])
-    n_max = min(len(images), len(ref) // 2)
+    other = None if floor_reference is None else \
+        check_images(load_images(floor_reference, source), 'floor reference', **FEATURE_NETS[features])
+    n_max = min(len(images), len(ref) // 2) if other is None else min(len(images), len(ref), len(other))
     n = n_max if n is None else n
-    if not 2 <= n <= n_max: raise ValueError(f'n={n}: need 2 <= n <= {n_max} ({len(images)} images, '
-                                             f'{len(ref)} reference images; the floor uses 2n of them)')
+    if not 2 <= n <= n_max:
+        sizes = (f'{len(ref)} reference images; the floor uses 2n of them' if other is None else
+                 f'{len(ref)} reference and {len(other)} floor-reference images')
+        raise ValueError(f'n={n}: need 2 <= n <= {n_max} ({len(images)} images, {sizes})')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     g = torch.Generator().manual_seed(seed)
     phi = feature_network(features, device)
     f_gen = extract_features(phi, _as_png(images[:n]), batch_size, device)
-    f_ref = extract_features(phi, _as_png(ref[torch.randperm(len(ref), generator=g)[:2 * n]]), batch_size, device)
-    f_a, f_b = f_ref[:n], f_ref[n:]
+    picked = ref[torch.randperm(len(ref), generator=g)[:n if other is not None else 2 * n]]
+    f_ref = extract_features(phi, _as_png(picked), batch_size, device)
+    f_a, f_b = (f_ref[:n], f_ref[n:]) if other is None else \
+        (f_ref, extract_features(phi, _as_png(other[torch.randperm(len(other), generator=g)[:n]]), batch_size, device))
     kid = lambda f: kid_from_features(f, f_a, num_subsets, max_subset_size, generator=g)
     return dict(fid=fid_from_features(f_gen, f_a), kid=kid(f_gen), floor_fid=fid_from_features(f_b, f_a),
                 floor_kid=kid(f_b), n=n, feature_net=features, feature_dim=f_gen.shape[1],
-                reference='tensor' if torch.is_tensor(reference) else str(reference), seed=seed,
+                reference='tensor' if torch.is_tensor(reference) else str(reference),
+                floor_reference=None if floor_reference is None else
+                'tensor' if torch.is_tensor(floor_reference) else str(floor_reference), seed=seed,
                 num_subsets=num_subsets, max_subset_size=max_subset_size)

@@ -37,10 +37,10 @@ def test_console_script_help_and_a_bad_value():
 
 def test_top_level_help(capsys):
     code, out, _ = _run(capsys, '--help')
-    assert code == 0 and all(c in out for c in ('train', 'sample', 'eval', 'info', 'convert'))
+    assert code == 0 and all(c in out for c in ('train', 'sample', 'eval', 'info', 'export', 'convert'))
 
 
-@pytest.mark.parametrize('command', ['', 'train', 'sample', 'eval', 'info', 'convert'])
+@pytest.mark.parametrize('command', ['', 'train', 'sample', 'eval', 'info', 'export', 'convert'])
 def test_help_of_every_subcommand(capsys, command):
     """argparse %-formats help strings: a bare % in one made `sample --help` crash with a TypeError."""
     code, out, err = _run(capsys, *([command] if command else []), '--help')
@@ -192,3 +192,48 @@ def test_a_huge_class_and_eval_out_over_an_earlier_record(tmp_path):
     check_out(old)  # an earlier eval record may be replaced; a new name is fine too
     check_out(tmp_path / 'new.json')
     with pytest.raises(ValueError, match='is a folder'): check_out(tmp_path)
+
+
+def test_label_dropout_channels_and_export(capsys, tmp_path):
+    """--cond --label-dropout and --channels reach the model record; they cannot change on resume; `export` writes
+    the EMA weights alone (a quarter of the training checkpoint here: no raw weights, no Adam moments), and sampling
+    from the export gives the same images as sampling from the run."""
+    run = tmp_path / 'run'
+    base = ['train', '--dataset', 'fashion-mnist', '--data', tmp_path / 'none', '--resolution', 8, '--preset',
+            'ddpmpp-small', '--batch', 4, '--steps', 2, '--lr-rampup', 0, '--quiet']
+    code, _, err = _run(capsys, *base, '--label-dropout', 0.2, '--outdir', tmp_path / 'uncond')
+    assert code == 1 and '--label-dropout 0.2 needs --cond' in err and not (tmp_path / 'uncond').exists(), err
+    code, _, err = _run(capsys, *base, '--cond', '--label-dropout', 0.2, '--channels', 8, '--outdir', run)
+    assert code == 0, err
+    code, out, _ = _run(capsys, 'info', run)
+    info = json.loads(out)
+    assert info['model']['overrides']['label_dropout'] == 0.2 and info['model']['overrides']['model_channels'] == 8
+    assert info['model']['overrides']['label_dim'] == 10 and info['data']['cond'] is True
+    for flag in (['--label-dropout', 0.1], ['--channels', 16]):
+        code, _, err = _run(capsys, 'train', '--resume', run, '--steps', 3, *flag)
+        assert code == 1 and f'{flag[0]} cannot change when resuming' in err, err
+    code, out, err = _run(capsys, 'export', run, tmp_path / 'model')
+    assert code == 0 and 'ema weights' in out, err
+    exported = checkpoints.list_checkpoints(tmp_path / 'model')
+    assert [p.name for p in exported] == ['training-state-00000002.json']
+    tensors, meta = checkpoints.load_checkpoint(exported[0])
+    full, _ = checkpoints.load_checkpoint(checkpoints.find_latest(run))
+    assert set(tensors) == {k for k in full if k.startswith('ema.')}
+    assert all(torch.equal(tensors[k], full[k]) for k in tensors)
+    assert meta['model'] == info['model'] and meta['exported_from']['weights'] == 'ema'
+    code, out, err = _run(capsys, 'export', run, tmp_path / 'raw', '--weights', 'net')
+    raw, _ = checkpoints.load_checkpoint(checkpoints.find_latest(tmp_path / 'raw'))
+    assert code == 0 and all(torch.equal(raw['ema.' + k[4:]], v) for k, v in full.items() if k.startswith('net.'))
+    for src, name in ((run, 'a'), (tmp_path / 'model', 'b')):
+        code, _, err = _run(capsys, 'sample', src, '--seeds', '0-1', '--steps', 2, '--outdir', tmp_path / name)
+        assert code == 0, err
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'a' / 'grid.png')),
+                          np.asarray(Image.open(tmp_path / 'b' / 'grid.png')))
+    for argv, message in [([run, tmp_path / 'model'], f'{tmp_path / "model"} already holds checkpoints'),
+                          ([run, run], f'{run} already holds checkpoints'),  # never into a run folder
+                          ([tmp_path / 'nothing', tmp_path / 'x'], 'not found')]:
+        code, _, err = _run(capsys, 'export', *argv)
+        assert code == 1 and message in err and 'Traceback' not in err, (argv, err)
+    code, _, err = _run(capsys, 'train', '--resume', tmp_path / 'model', '--steps', 4, '--quiet')
+    assert code == 1 and 'holds no training state to resume' in err and 'Traceback' not in err, err

@@ -16,6 +16,7 @@ from test_cli import _run  # cli.main in this process: (exit status, stdout, std
 
 REF = ['--reference', 'fashion-test', '--source', 'embedded']  # 1,000 test images: n <= 500
 RESULT_KEYS = {'fid', 'kid', 'floor_fid', 'floor_kid', 'n', 'feature_net', 'feature_dim', 'reference', 'seed',
+               'floor_reference',
                'num_subsets', 'max_subset_size', 'reference_source', 'reference_images', 'input', 'kind', 'seconds'}
 
 
@@ -125,7 +126,12 @@ def test_eval_bad_inputs_exit_1_naming_the_value(capsys, tmp_path):
         ([rgb], f'image folder {rgb} holds 3x32x32 (CxHxW) images; domain features need 32x32 images with 1 '
                 f'channel(s); try --features inception'),
         ([folder, '--n', 5], 'n=5: need 2 <= n <= 4 (4 images, 1000 reference images'),
-        ([run, '--n', 501], 'n=501 images: need 2 <= n <= 500 (the floor uses 2n reference images)'),
+        ([run, '--n', 501], 'n=501 images: need 2 <= n <= 500 (the floor uses 2n reference images; '
+                            '--floor-reference fashion-train lifts n to the whole reference set)'),
+        ([run, '--n', 1001, '--floor-reference', 'fashion-train'],
+         'n=1001 images: need 2 <= n <= 1000 (n reference and n floor-reference images)'),
+        ([folder, '--floor-reference', 'fashion-test'], '--floor-reference fashion-test is the reference itself'),
+        ([folder, '--floor-reference', tmp_path / 'nope'], f"--reference '{tmp_path / 'nope'}' is neither one of"),
         ([folder, '--steps', 4, '--seeds', '0-3'], f'--seeds, --steps: for a checkpoint only, but {folder} is a '
                                                    f'folder of images'),
         ([folder, '--reference', 'fashion-tset'], "--reference 'fashion-tset' is neither one of ['fashion-test', "
@@ -136,3 +142,21 @@ def test_eval_bad_inputs_exit_1_naming_the_value(capsys, tmp_path):
         code, out, err = _run(capsys, 'eval', *argv, *extra)
         assert code == 1 and f'edm-lit eval: error: {message}' in err and not out, (argv, err)
         assert 'Traceback' not in err
+
+
+def test_floor_reference_compares_whole_sets(capsys, tmp_path):
+    """--floor-reference: the floor is n images of another set against the n reference images, so n can reach the
+    whole reference set; a floor set equal to the reference gives FID 0 (up to rounding)."""
+    test = load_fashion_mnist(False, source='embedded', pad_to_32=True).images
+    same = evaluate(test[:40], test[:40], n=40, floor_reference=test[:40], device='cpu')
+    assert same['fid'] == pytest.approx(0, abs=1e-3) and same['floor_fid'] == pytest.approx(0, abs=1e-3)
+    assert same['floor_reference'] == 'tensor'
+    split = evaluate(test[:40], test[:40], n=20, device='cpu')  # without it, n <= half the reference
+    assert split['floor_reference'] is None and split['floor_fid'] > 0
+    with pytest.raises(ValueError, match='n=40: need 2 <= n <= 20'): evaluate(test[:40], test[:40], n=40)
+    folder = _pngs(tmp_path / 'real', _real(600), grid=False)  # 600 > 500: only with --floor-reference
+    code, out, err = _run(capsys, 'eval', folder, *REF, '--floor-reference', 'fashion-train', '--json')
+    r = json.loads(out)
+    assert code == 0 and r['n'] == 600 and r['floor_reference'] == 'fashion-train', err
+    assert r['floor_reference_source'] == 'embedded' and r['floor_reference_images'] == 4000
+    assert 0.5 < r['fid'] / r['floor_fid'] < 2, r  # held-out training images against the test set: the floor's pair

@@ -3,6 +3,7 @@
     edm-lit eval runs/fm --n 5000 --out runs/fm/eval.json   # generate seeds 0-4999 (Heun, 35 NFE), then FID/KID
     edm-lit eval runs/fm/samples                              # the PNGs `edm-lit sample` wrote (not its grid.png)
     edm-lit eval runs/fm --seeds 0-999 --sampler churn --json # the JSON record on stdout instead of the line
+    edm-lit eval runs/fm --n 10000 --floor-reference fashion-train  # all 10,000 test images; floor: train vs test
 
 `edm_lit.metrics.evaluate` (chapter 10) against a reference set (default fashion-test), with the real-vs-real floor
 at the same n. Prints one line; --out FILE also writes the JSON record, --json prints it instead of the line.
@@ -23,13 +24,13 @@ from ..datasets import load_image_folder
 from ..features import inception_path
 from .args import format_seeds, parse_seeds, positive_int, nonneg_int
 from .sample import (CHURN_ARGS, GENERATION_DEFAULTS, add_generation_arguments, check_outdir, churn_kwargs,
-                     class_labels, generate, load_net, nfe, write_pngs)
+                     class_labels, generate, guided_net, load_net, nfe, write_pngs)
 
 __all__ = ['SAMPLE_GRID', 'EVAL_KEYS', 'check_out', 'load_samples', 'summary_line', 'cmd_eval', 'add_eval_parser']
 
 SAMPLE_GRID = 'grid.png'  # `edm-lit sample` writes it beside the samples: a picture of them, not one of them
 EVAL_KEYS = ('fid', 'kid', 'floor_fid', 'floor_kid', 'n', 'input', 'kind')  # every eval record has them
-_GENERATION_FLAGS = ('seeds', 'sampler', 'steps', 'weights', *CHURN_ARGS, 'save_images')
+_GENERATION_FLAGS = ('seeds', 'sampler', 'steps', 'weights', *CHURN_ARGS, 'guidance', 'guide', 'save_images')
 
 
 def load_samples(folder) -> tuple[torch.Tensor, list[str]]:
@@ -64,19 +65,25 @@ def _generate(args, n_max: int, device) -> tuple[torch.Tensor, dict]:
     settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in GENERATION_DEFAULTS.items()}
     seeds = args.seeds or list(range(args.n or n_max))
     if not 2 <= len(seeds) <= n_max:
-        raise ValueError(f'n={len(seeds)} images: need 2 <= n <= {n_max} (the floor uses 2n reference images)')
+        floor = ('the floor uses 2n reference images; --floor-reference fashion-train lifts n to the whole '
+                 'reference set' if args.floor_reference is None else 'n reference and n floor-reference images')
+        raise ValueError(f'n={len(seeds)} images: need 2 <= n <= {n_max} ({floor})')
     net, meta = load_net(args.input, settings['weights'], device)
     _check_shape((net.model.in_channels, net.model.img_resolution, net.model.img_resolution), args.features,
                  f'the model in {args.input}')
     label_dim = meta['model']['overrides']['label_dim']
     kwargs = churn_kwargs(args)
+    net = guided_net(net, meta, args, device)
     images = generate(net, seeds, settings['sampler'], settings['steps'], class_labels(label_dim, seeds),
                       args.batch, **kwargs)
     if args.save_images: write_pngs(images, seeds, args.save_images)
     record = dict(checkpoint=str(checkpoints.find_latest(args.input)), step=meta['step'], nimg=meta.get('nimg'),
                   **settings, nfe=nfe(settings['sampler'], settings['steps']), **kwargs, seeds=format_seeds(seeds),
                   class_labels=f'seed % {label_dim}' if label_dim else None,
-                  saved_images=args.save_images and str(args.save_images))
+                  saved_images=args.save_images and str(args.save_images), guidance=args.guidance,
+                  network_evaluations=nfe(settings['sampler'], settings['steps']) * (1 if args.guidance in (None, 1)
+                                                                                      else 2),
+                  guide=args.guide and str(checkpoints.find_latest(args.guide)))
     return images.float() / 127.5 - 1, record
 
 
@@ -98,8 +105,9 @@ def check_out(out) -> None:
 
 def summary_line(r: dict) -> str:
     """'FID 327.2 (floor 19.43)  KID 118.5 (floor -2.282)  n=500, domain features, vs fashion-test'."""
+    floor = f", floor: {r['floor_reference']} vs it" if r.get('floor_reference') else ''
     return (f"FID {r['fid']:.4g} (floor {r['floor_fid']:.4g})  KID {r['kid']:.4g} (floor {r['floor_kid']:.4g})  "
-            f"n={r['n']}, {r['feature_net']} features, vs {r['reference']}")
+            f"n={r['n']}, {r['feature_net']} features, vs {r['reference']}{floor}")
 
 
 def _is_image_folder(args) -> bool:
@@ -131,11 +139,22 @@ def cmd_eval(args) -> int:
     from_folder = _is_image_folder(args)
     ref, ref_record = _reference(args.reference, args.source)
     _check_shape(ref.shape[1:], args.features, f'reference {args.reference}')
+    other, other_record = None, {}
+    if args.floor_reference is not None:
+        if args.floor_reference == args.reference:
+            raise ValueError(f'--floor-reference {args.floor_reference} is the reference itself; leave it out to '
+                             f'split the reference set, or name another set (e.g. fashion-train)')
+        other, o = _reference(args.floor_reference, args.source)
+        _check_shape(other.shape[1:], args.features, f'floor reference {args.floor_reference}')
+        other_record = dict(floor_reference_source=o['reference_source'], floor_reference_images=o['reference_images'])
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    images, record = _read_folder(args.input, args.features) if from_folder else _generate(args, len(ref) // 2, device)
-    result = metrics.evaluate(images, ref, args.features, args.n, args.seed, batch_size=args.batch, device=device)
-    record = dict(result, **ref_record, input=str(args.input), kind='folder' if from_folder else 'checkpoint',
-                  **record, seconds=round(time.time() - t0, 1))
+    n_max = len(ref) // 2 if other is None else min(len(ref), len(other))
+    images, record = _read_folder(args.input, args.features) if from_folder else _generate(args, n_max, device)
+    result = metrics.evaluate(images, ref, args.features, args.n, args.seed, batch_size=args.batch, device=device,
+                              floor_reference=other)
+    if other is not None: result['floor_reference'] = args.floor_reference
+    record = dict(result, **ref_record, **other_record, input=str(args.input),
+                  kind='folder' if from_folder else 'checkpoint', **record, seconds=round(time.time() - t0, 1))
     text = json.dumps(record, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -155,10 +174,14 @@ def add_eval_parser(sub):
     g = p.add_mutually_exclusive_group()
     g.add_argument('--n', type=positive_int, help='images compared with as many reference images (default: all the '
                                                   'folder holds; for a checkpoint, half the reference set: 5000 '
-                                                  'images for fashion-test at 35 NFE each; seeds 0..n-1)')
+                                                  'images for fashion-test at 35 NFE each, all of it with '
+                                                  '--floor-reference; seeds 0..n-1)')
     g.add_argument('--seeds', type=parse_seeds, help='checkpoint: the seeds of the images, one each, e.g. 0-999')
     p.add_argument('--reference', default='fashion-test', help="'fashion-test' (default), 'fashion-train' or an "
                                                                "image folder")
+    p.add_argument('--floor-reference', metavar='SET', help="the floor's second set: n of its images against the n "
+                   "reference images (e.g. fashion-train against fashion-test; then n can be the whole reference "
+                   "set); default: the reference set split in two")
     p.add_argument('--source', default='auto', help='where Fashion-MNIST is read from: auto (default), debian, '
                                                      'torchvision, download or embedded')
     p.add_argument('--features', choices=sorted(metrics.FEATURE_NETS), default='domain',

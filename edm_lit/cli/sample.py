@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from .. import checkpoints, validators
+from ..guidance import Guided
 from .args import device, finite_nonneg_float, nonneg_float, nonneg_int, parse_seeds, positive_int
 
-__all__ = ['SAMPLERS', 'MULTISTEP', 'GENERATION_DEFAULTS', 'CHURN_ARGS', 'build_net', 'load_net', 'generate',
-           'nfe', 'churn_kwargs', 'class_labels', 'check_outdir', 'save_grid', 'write_pngs', 'add_generation_arguments', 'cmd_sample',
-           'add_sample_parser']
+__all__ = ['guided_net', 'SAMPLERS', 'MULTISTEP', 'GENERATION_DEFAULTS', 'CHURN_ARGS', 'build_net', 'load_net',
+           'generate', 'nfe', 'churn_kwargs', 'class_labels', 'check_outdir', 'save_grid', 'write_pngs',
+           'add_generation_arguments', 'cmd_sample', 'add_sample_parser']
 
 SAMPLERS = {'heun': dict(S_churn=0.0), 'churn': dict(S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003)}
 MULTISTEP = ('dpmpp_2m', 'ipndm', 'ipndm_v', 'unipc')  # edm_lit.solvers.SOLVERS, chapter 11
@@ -62,7 +63,8 @@ def generate(net, seeds, sampler='heun', num_steps=18, class_labels=None, batch=
     sample_fn = SOLVERS[sampler] if sampler in SOLVERS else \
         partial(edm_sampler, **{**SAMPLERS[sampler], **sampler_kwargs})
     p = next(net.parameters())
-    shape = (net.model.in_channels, net.model.img_resolution, net.model.img_resolution)
+    model = (net.net if isinstance(net, Guided) else net).model  # the U-Net (a guided denoiser wraps it)
+    shape = (model.in_channels, model.img_resolution, model.img_resolution)
     out = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
@@ -118,6 +120,32 @@ def write_pngs(images: torch.Tensor, seeds, outdir) -> Path:
     return out
 
 
+def guided_net(net, meta: dict, args, device):
+    """`net`, or `edm_lit.guidance.Guided(net, --guidance, --guide)` (chapter 13): classifier-free guidance needs a
+    class-conditional model trained with label dropout; autoguidance a guide of the same image shape and labels."""
+    w, guide_path = getattr(args, 'guidance', None), getattr(args, 'guide', None)
+    if w is None and guide_path is None: return net
+    if guide_path is not None and w is None:
+        raise ValueError(f'--guide {guide_path} needs --guidance W (W > 1 extrapolates away from the guide)')
+    over = meta['model']['overrides']
+    guide = None
+    if guide_path is None:
+        if not over.get('label_dim'):
+            raise ValueError(f'--guidance {w}: classifier-free guidance needs a class-conditional model; '
+                             f'{args.checkpoint if hasattr(args, "checkpoint") else args.input} is unconditional')
+        if not over.get('label_dropout'):
+            raise ValueError(f'--guidance {w}: the model was trained without label dropout, so it never learned '
+                             f'the unconditional denoiser that classifier-free guidance needs (give --guide)')
+    else:
+        guide, guide_meta = load_net(guide_path, 'ema', device)
+        mine, theirs = (tuple(m['model']['overrides'].get(k) for k in ('img_resolution', 'in_channels', 'label_dim'))
+                        for m in (meta, guide_meta))
+        if mine != theirs:
+            raise ValueError(f'--guide {guide_path} makes images/labels of (resolution, channels, label_dim) = '
+                             f'{theirs}, the model {mine}: a guide must model the same task')
+    return Guided(net, w, guide)
+
+
 def check_outdir(path, flag='--outdir') -> None:
     """Refuse an output folder that exists as something else than a folder (a file), before any work."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
@@ -131,6 +159,7 @@ def cmd_sample(args) -> int:
     net, meta = load_net(args.checkpoint, args.weights, device)
     labels = class_labels(meta['model']['overrides']['label_dim'], args.seeds, args.class_label, args.checkpoint)
     kwargs = churn_kwargs(args)
+    net = guided_net(net, meta, args, device)
     images = generate(net, args.seeds, args.sampler, args.steps, labels, args.batch, **kwargs)
     out = write_pngs(images, args.seeds, args.outdir)
     print(f'wrote {len(images)} PNG file(s) and grid.png to {out}')
@@ -152,6 +181,10 @@ def add_generation_arguments(p):
         p.add_argument(f'--{name.replace("_", "-")}', dest=name, type=nonneg_float if name == 'S_max' else
                        finite_nonneg_float, help=f'{name} of Alg. 2 (heun and churn only)')
     p.add_argument('--device', type=device, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
+    p.add_argument('--guidance', type=finite_nonneg_float, metavar='W', help='guidance weight (chapter 13): '
+                   'classifier-free with a label-dropout model, or autoguidance with --guide; 1: none')
+    p.add_argument('--guide', metavar='CHECKPOINT', help='autoguidance: a weaker model of the same task (e.g. an '
+                   'early checkpoint of the same run), extrapolated away from with --guidance W')
 
 
 def add_sample_parser(sub):

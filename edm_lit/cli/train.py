@@ -38,6 +38,10 @@ def _model_record(args, data, label_dim: int) -> dict:
     overrides = dict(img_resolution=data.images.shape[-1], in_channels=data.images.shape[1],
                      out_channels=data.images.shape[1], label_dim=label_dim, augment_dim=augment_dim)
     if args.dropout is not None: overrides['dropout'] = args.dropout
+    if args.label_dropout is not None:
+        if not label_dim: raise ValueError(f'--label-dropout {args.label_dropout} needs --cond (class labels to drop)')
+        overrides['label_dropout'] = args.label_dropout
+    if args.channels is not None: overrides['model_channels'] = args.channels
     return dict(preset=args.preset, overrides=overrides)
 
 
@@ -122,8 +126,9 @@ def cmd_train(args) -> int:
     """Train (or resume) a model; checkpoints, metrics.jsonl and sample grids go to --outdir (one run's folder)."""
     saved, resume = {}, None
     if args.resume:
-        fixed = [f'--{k}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond', 'augment',
-                                    'dropout') if getattr(args, k) is not None]
+        fixed = [f'--{k.replace("_", "-")}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond',
+                                                      'augment', 'dropout', 'label_dropout', 'channels')
+                 if getattr(args, k) is not None]
         if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
         resume = checkpoints.find_latest(args.resume)
         saved = checkpoints.read_training_meta(resume)
@@ -164,6 +169,9 @@ def add_train_parser(sub, presets):
     a('--cond', action='store_true', default=None, help='class-conditional (fashion-mnist, cifar10)')
     a('--augment', type=probability, metavar='P', help='non-leaky augmentation probability (paper: 0.12)')
     a('--dropout', type=probability, metavar='P', help="dropout probability (default: the preset's)")
+    a('--label-dropout', type=probability, metavar='P', help='with --cond: probability of training a sample without '
+                                                            'its label (classifier-free guidance; default 0)')
+    a('--channels', type=positive_int, metavar='N', help="base channel count, model_channels (default: the preset's)")
     a('--batch', type=positive_int, help='total batch size (default 512)')
     a('--batch-gpu', type=positive_int, help='limit per process and accumulation round')
     d = p.add_mutually_exclusive_group()

@@ -1,0 +1,81 @@
+"""benchmarks/sampler_study.py and benchmarks/cpu_train_choice.py at toy sizes: the sampler study's settings (NFE
+counted, churn given as a multiple of N), its record and exact continuation after an interruption, its refusal to
+mix studies, the figure; the speed sweep's table and JSON."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edm_lit import checkpoints, cli
+from edm_lit.samplers import CountingDenoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import sampler_study  # noqa: E402
+
+
+def _script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / 'benchmarks' / name), *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=300)
+
+
+def _tiny_model(folder):
+    model = dict(preset='ddpmpp-small', overrides=dict(img_resolution=32, in_channels=1, out_channels=1, label_dim=10,
+                                                      augment_dim=0, model_channels=16, channel_mult=[1],
+                                                      num_blocks=1, attn_resolutions=[]))
+    torch.manual_seed(0)
+    net = cli.build_net(model)
+    checkpoints.save_checkpoint(folder, 7, checkpoints.module_tensors('ema', net), dict(model=model, nimg=70))
+    return net
+
+
+@pytest.mark.parametrize('setting', sampler_study.settings(), ids=lambda s: s['name'])
+def test_every_setting_costs_the_nfe_it_claims(setting):
+    """Each setting's sampler calls the network exactly `nfe` times (one batch), on a denoiser that returns 0."""
+    counted = CountingDenoiser(lambda x, sigma, class_labels=None: torch.zeros_like(x))
+    x = sampler_study.sampler_fn(setting['params'])(counted, torch.randn(2, 1, 4, 4), None,
+                                                    num_steps=setting['num_steps'])
+    assert counted.nfe == setting['nfe'] and torch.isfinite(x).all()
+    if setting['params'].get('S_churn'):  # gamma = S_churn / N is the same at every N of a family
+        gamma = float(setting['name'].split('-g')[1].split('-')[0])
+        assert setting['params']['S_churn'] == pytest.approx(gamma * setting['num_steps'])
+
+
+def test_study_record_continues_and_refuses_another_study(tmp_path):
+    _tiny_model(tmp_path / 'model')
+    out = tmp_path / 'study.json'
+    proc = _script('sampler_study.py', tmp_path / 'model', '--n', 6, '--batch', 4, '--only', 'heun-4', 'ipndm-5',
+                   '--out', out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r['n'], r['step'], r['nimg'], r['seed_start']) == (6, 7, 70, 0) and r['floor_fid'] > 0
+    assert [x['name'] for x in r['results']] == ['heun-4', 'ipndm-5'] and [x['nfe'] for x in r['results']] == [7, 5]
+    assert all(x['fid'] > 0 for x in r['results'])
+    proc = _script('sampler_study.py', tmp_path / 'model', '--n', 6, '--batch', 3, '--only', 'heun-4', 'euler-8',
+                   '--out', out)  # heun-4 is done: kept as it was; euler-8 is added
+    again = json.loads(out.read_text())
+    assert proc.returncode == 0 and [x['name'] for x in again['results']] == ['heun-4', 'ipndm-5', 'euler-8']
+    assert again['results'][0] == r['results'][0]
+    net, fn = _tiny_model(tmp_path / 'again'), sampler_study.sampler_fn(sampler_study.settings()[0]['params'])
+    a, b = (sampler_study.generate(net, fn, [0, 1, 2], 8, 10, batch=k) for k in (2, 3))
+    assert torch.equal(a, b) and a.shape == (3, 1, 32, 32) and a.min() >= -1 and a.max() <= 1  # seeds, not batches
+    for args, message in (((tmp_path / 'model', '--n', 8), 'holds a study of n=6'),
+                          ((tmp_path / 'model', '--n', 6, '--only', 'heun-5'), "unknown settings ['heun-5']")):
+        proc = _script('sampler_study.py', *args, '--out', out)
+        assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    proc = _script('sampler_study.py', '--out', out, '--plot', tmp_path / 'study.png')
+    assert proc.returncode == 0 and (tmp_path / 'study.png').stat().st_size > 10_000, proc.stderr
+
+
+def test_speed_sweep_prints_and_writes_each_setting(tmp_path):
+    proc = _script('cpu_train_choice.py', '--nets', 8, '--batches', 4, '--settings', 'fp32', 'bf16', '--warmup', 1,
+                   '--steps', 1, '--json', tmp_path / 'speed.json')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / 'speed.json').read_text())
+    assert [(x['channels'], x['batch'], x['setting']) for x in r['results']] == [(8, 4, 'fp32'), (8, 4, 'bf16')]
+    assert all(x['train_images_per_s'] > 0 for x in r['results']) and 'train img/s' in proc.stdout
