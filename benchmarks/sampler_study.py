@@ -97,11 +97,22 @@ def scores(f_gen, f_ref, seed: int = 0) -> dict:
     return dict(fid=metrics.fid_from_features(f_gen, f_ref), kid=metrics.kid_from_features(f_gen, f_ref, generator=g))
 
 
+def read_record(out: Path):
+    """The study record in `out`, None if there is none yet; exits naming the file if it is not one."""
+    if not out.exists(): return None
+    try: record = json.loads(out.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f'{out} is not a sampler-study record ({e}); give another --out') from None
+    if not (isinstance(record, dict) and isinstance(record.get('results'), list) and 'n' in record):
+        raise SystemExit(f'{out} is not a sampler-study record; give another --out')
+    return record
+
+
 def run(args) -> int:
     from edm_lit.cli.sample import load_net
     from edm_lit import metrics
     out = Path(args.out)
-    record = json.loads(out.read_text()) if out.is_file() else None
+    record = read_record(out)
     todo = [s for s in settings() if not args.only or s['name'] in args.only]
     unknown = set(args.only or ()) - {s['name'] for s in settings()}
     if unknown: raise SystemExit(f'--only: unknown settings {sorted(unknown)}; known: {[s["name"] for s in settings()]}')
@@ -141,7 +152,8 @@ def plot(args) -> int:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    record = json.loads(Path(args.out).read_text())
+    record = read_record(Path(args.out))
+    if record is None: raise SystemExit(f'{args.out} not found: run the study first')
     families = {}
     for r in record['results']: families.setdefault(r['family'], []).append(r)
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=150)

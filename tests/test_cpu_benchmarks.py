@@ -68,6 +68,11 @@ def test_study_record_continues_and_refuses_another_study(tmp_path):
                           ((tmp_path / 'model', '--n', 6, '--only', 'heun-5'), "unknown settings ['heun-5']")):
         proc = _script('sampler_study.py', *args, '--out', out)
         assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    (tmp_path / 'bad.json').write_text('{not json')
+    for args, message in (((tmp_path / 'model', '--out', tmp_path / 'bad.json'), 'is not a sampler-study record'),
+                          (('--out', tmp_path / 'none.json', '--plot', tmp_path / 'x.png'), 'not found')):
+        proc = _script('sampler_study.py', *args)
+        assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     proc = _script('sampler_study.py', '--out', out, '--plot', tmp_path / 'study.png')
     assert proc.returncode == 0 and (tmp_path / 'study.png').stat().st_size > 10_000, proc.stderr
 
