@@ -5,8 +5,8 @@
 #
 #     bash benchmarks/fashion_edm.sh train    # ~1.5 h on 2 cores (resume after an interruption: run it again)
 #     bash benchmarks/fashion_edm.sh export   # EMA weights + metrics + the run record into book/results/fashion_edm
-#     bash benchmarks/fashion_edm.sh eval     # 3 x 10,000 samples, FID/KID against the test set (~20 min each)
-#     bash benchmarks/fashion_edm.sh study    # FID against NFE for every sampler, n = 1,000 (~1 h)
+#     bash benchmarks/fashion_edm.sh eval     # 3 x 10,000 samples, FID/KID against the test set (~31 min each)
+#     bash benchmarks/fashion_edm.sh study    # FID against NFE for every sampler, n = 1,000 (~1.5 h; resumable)
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 EDM=${EDM:-.venv/bin/edm-lit}
@@ -32,11 +32,11 @@ export)
 eval)
     for seeds in 0-9999 10000-19999 20000-29999; do
         [ -e $OUT/eval-seeds-$seeds.json ] && continue
-        $EDM eval $OUT/model --seeds $seeds --floor-reference fashion-train --batch 250 \
+        $EDM eval $OUT/model --seeds $seeds --floor-reference fashion-train --batch 32 \
             --out $OUT/eval-seeds-$seeds.json
     done ;;
 study)
-    $PY benchmarks/sampler_study.py $OUT/model --n 1000 --out $OUT/sampler_study.json
+    $PY benchmarks/sampler_study.py $OUT/model --n 1000 --batch 32 --out $OUT/sampler_study.json
     $PY benchmarks/sampler_study.py --out $OUT/sampler_study.json --plot $OUT/sampler_study.png ;;
 *)
     echo "usage: bash benchmarks/fashion_edm.sh train|export|eval|study" >&2; exit 2 ;;

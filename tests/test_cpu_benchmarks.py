@@ -1,6 +1,6 @@
-"""benchmarks/sampler_study.py and benchmarks/cpu_train_choice.py at toy sizes: the sampler study's settings (NFE
-counted, churn given as a multiple of N), its record and exact continuation after an interruption, its refusal to
-mix studies, the figure; the speed sweep's table and JSON."""
+"""benchmarks/sampler_study.py, guidance_sweep.py and cpu_train_choice.py at toy sizes: the sampler study's settings
+(NFE counted, churn given as a multiple of N), its record and exact continuation after an interruption, its refusal
+to mix studies, the figure; the guidance sweep's settings, scores and identities; the speed sweep's table and JSON."""
 import json
 import os
 import subprocess
@@ -24,13 +24,15 @@ def _script(name, *args):
                           text=True, env=ENV, cwd=ROOT, timeout=300)
 
 
-def _tiny_model(folder):
+def _tiny_model(folder, step=7, seed=0, jitter=0.0, **extra):
     model = dict(preset='ddpmpp-small', overrides=dict(img_resolution=32, in_channels=1, out_channels=1, label_dim=10,
                                                       augment_dim=0, model_channels=16, channel_mult=[1],
-                                                      num_blocks=1, attn_resolutions=[]))
-    torch.manual_seed(0)
+                                                      num_blocks=1, attn_resolutions=[], **extra))
+    torch.manual_seed(seed)
     net = cli.build_net(model)
-    checkpoints.save_checkpoint(folder, 7, checkpoints.module_tensors('ema', net), dict(model=model, nimg=70))
+    with torch.no_grad():  # jitter > 0: weights off their init (whose zero output layer ignores x and the label)
+        for p in net.parameters(): p.add_(jitter * torch.randn_like(p))
+    checkpoints.save_checkpoint(folder, step, checkpoints.module_tensors('ema', net), dict(model=model, nimg=10 * step))
     return net
 
 
@@ -84,3 +86,40 @@ def test_speed_sweep_prints_and_writes_each_setting(tmp_path):
     r = json.loads((tmp_path / 'speed.json').read_text())
     assert [(x['channels'], x['batch'], x['setting']) for x in r['results']] == [(8, 4, 'fp32'), (8, 4, 'bf16')]
     assert all(x['train_images_per_s'] > 0 for x in r['results']) and 'train img/s' in proc.stdout
+
+
+def test_guidance_sweep_scores_each_setting_and_keeps_the_identities(tmp_path):
+    """none-w1 once, then cfg and one autoguidance curve per guide; a guide that is the model itself changes nothing
+    (D_0 = D_1 gives D_w = D_1 exactly), a different guide does; accuracy and per-class FIDs are where they belong."""
+    _tiny_model(tmp_path / 'model', jitter=0.05, label_dropout=0.1)
+    _tiny_model(tmp_path / 'weak', step=3, seed=1, jitter=0.05, label_dropout=0.1)
+    out = tmp_path / 'sweep.json'
+    args = ('guidance_sweep.py', tmp_path / 'model', '--n-per-class', 3, '--steps', 2, '--batch', 8, '--out', out)
+    proc = _script(*args, '--weights', 1, 2, '--guide', tmp_path / 'model', tmp_path / 'weak')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    by = {x['name']: x for x in r['results']}
+    assert list(by) == ['none-w1', 'cfg-w2', 'auto-s7-w2', 'auto-s3-w2'], list(by)
+    assert [x['network_evaluations'] for x in r['results']] == [3, 6, 6, 6] and r['nfe'] == 3
+    same = {k: by['auto-s7-w2'][k] for k in ('class_fids', 'fid_all', 'class_accuracy')}
+    assert same == {k: by['none-w1'][k] for k in same}  # guided by itself: the unguided model, bit for bit
+    assert by['auto-s3-w2']['class_fids'] != by['none-w1']['class_fids']
+    assert by['cfg-w2']['class_fids'] != by['none-w1']['class_fids']
+    for x in r['results']:
+        assert len(x['class_fids']) == len(x['class_accuracy']) == 10 and 0 <= x['accuracy'] <= 1
+        assert x['class_fid'] == pytest.approx(sum(x['class_fids']) / 10) and x['fid_all'] > 0
+        assert x['accuracy'] == pytest.approx(sum(x['class_accuracy']) / 10)  # 3 images of every class
+    assert len(r['floor_class_fids']) == 10 and r['floor_class_fid'] > 0
+    proc = _script(*args, '--weights', 1, 3)  # continues: w = 1 is kept, cfg-w3 added
+    again = json.loads(out.read_text())
+    assert proc.returncode == 0 and [x['name'] for x in again['results']][-1] == 'cfg-w3', proc.stderr[-3000:]
+    assert again['results'][0] == r['results'][0]
+    proc = _script('guidance_sweep.py', tmp_path / 'model', '--n-per-class', 4, '--out', out)
+    assert proc.returncode != 0 and 'holds a sweep' in proc.stderr and 'Traceback' not in proc.stderr
+    _tiny_model(tmp_path / 'no-dropout')
+    for extra, message in (((tmp_path / 'no-dropout', '--out', tmp_path / 'x.json'), 'label dropout'),
+                           ((tmp_path / 'model', '--weights', 'nan', '--out', out), '--weights must be finite')):
+        proc = _script('guidance_sweep.py', *extra)
+        assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    proc = _script('guidance_sweep.py', '--out', out, '--plot', tmp_path / 'sweep.png')
+    assert proc.returncode == 0 and (tmp_path / 'sweep.png').stat().st_size > 10_000, proc.stderr
