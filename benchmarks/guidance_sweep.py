@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from study_records import read_record, write_record
+
 CLASSES = 10
 
 
@@ -76,7 +78,7 @@ def run(args) -> int:
     from edm_lit.features import load_classifier
     from edm_lit.guidance import Guided
     out = Path(args.out)
-    record = read_record(out)
+    record = read_record(out, 'guidance-sweep', 'n_per_class')
     net, meta = load_net(args.checkpoint, 'ema', 'cpu')
     over = meta['model']['overrides']
     if over.get('label_dim') != CLASSES or not over.get('label_dropout'):
@@ -125,30 +127,17 @@ def run(args) -> int:
                  class_accuracy=[hit[labels == c].mean().item() for c in range(CLASSES)],
                  **scores([f[labels == c] for c in range(CLASSES)], f_ref), seconds=round(time.time() - t0, 1))
         record['results'].append(r)
-        tmp = out.with_suffix('.tmp')
-        tmp.write_text(json.dumps(record, indent=1) + '\n')
-        tmp.replace(out)  # after every setting: an interrupted sweep keeps what it measured
+        write_record(out, record)  # after every setting: an interrupted sweep keeps what it measured
         print(f"{name:<18} accuracy {r['accuracy']:.3f}  class FID {r['class_fid']:8.3f}  FID all "
               f"{r['fid_all']:8.3f}  ({r['seconds']:.0f} s)", flush=True)
     return 0
-
-
-def read_record(out: Path):
-    """The sweep record in `out`, None if there is none yet; exits naming the file if it is not one."""
-    if not out.exists(): return None
-    try: record = json.loads(out.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f'{out} is not a guidance-sweep record ({e}); give another --out') from None
-    if not (isinstance(record, dict) and isinstance(record.get('results'), list) and 'n_per_class' in record):
-        raise SystemExit(f'{out} is not a guidance-sweep record; give another --out')
-    return record
 
 
 def plot(args) -> int:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    record = read_record(Path(args.out))
+    record = read_record(Path(args.out), 'guidance-sweep', 'n_per_class')
     if record is None: raise SystemExit(f'{args.out} not found: run the sweep first')
     base = [r for r in record['results'] if r['method'] == 'none']
     curves = {}

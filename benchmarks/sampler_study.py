@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from study_records import read_record, write_record
+
 CHURN = dict(S_min=0.05, S_max=50.0)  # the official ImageNet-64 window; S_churn and S_noise vary
 
 
@@ -98,22 +100,11 @@ def scores(f_gen, f_ref, seed: int = 0) -> dict:
     return dict(fid=metrics.fid_from_features(f_gen, f_ref), kid=metrics.kid_from_features(f_gen, f_ref, generator=g))
 
 
-def read_record(out: Path):
-    """The study record in `out`, None if there is none yet; exits naming the file if it is not one."""
-    if not out.exists(): return None
-    try: record = json.loads(out.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f'{out} is not a sampler-study record ({e}); give another --out') from None
-    if not (isinstance(record, dict) and isinstance(record.get('results'), list) and 'n' in record):
-        raise SystemExit(f'{out} is not a sampler-study record; give another --out')
-    return record
-
-
 def run(args) -> int:
     from edm_lit.cli.sample import load_net
     from edm_lit import metrics
     out = Path(args.out)
-    record = read_record(out)
+    record = read_record(out, 'sampler-study', 'n')
     todo = [s for s in settings() if not args.only or s['name'] in args.only]
     todo.sort(key=lambda s: s['nfe'] > 35)  # stable: every family up to 35 NFE first, then the long settings
     unknown = set(args.only or ()) - {s['name'] for s in settings()}
@@ -142,9 +133,7 @@ def run(args) -> int:
         f_gen = metrics.extract_features(phi, images, 256, 'cpu')
         r = dict(s, **scores(f_gen, f_ref), seconds=round(time.time() - t0, 1))
         record['results'].append(r)
-        tmp = out.with_suffix('.tmp')
-        tmp.write_text(json.dumps(record, indent=1) + '\n')
-        tmp.replace(out)  # after every setting: an interrupted study keeps what it measured
+        write_record(out, record)  # after every setting: an interrupted study keeps what it measured
         print(f'{s["name"]:<24} NFE {s["nfe"]:>3}  FID {r["fid"]:8.3f}  KID {r["kid"]:.5f}  ({r["seconds"]:.0f} s)',
               flush=True)
     return 0
@@ -154,7 +143,7 @@ def plot(args) -> int:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    record = read_record(Path(args.out))
+    record = read_record(Path(args.out), 'sampler-study', 'n')
     if record is None: raise SystemExit(f'{args.out} not found: run the study first')
     families = {}
     for r in record['results']: families.setdefault(r['family'], []).append(r)
