@@ -36,18 +36,18 @@ from study_records import read_record, write_record
 CLASSES = 10
 
 
-def setting_names(weights, guides) -> list[str]:
+def settings(weights, guides) -> list[dict]:
     """'none-w1' once if 1 is among the weights, then cfg-w<w> and auto-<guide>-w<w> for every other w."""
-    names = ['none-w1'] if 1 in weights else []
+    out = [dict(name='none-w1', method='none', guide=None, w=1.0)] if 1 in weights else []
     for w in (w for w in weights if w != 1):
-        names += [f'cfg-w{w:g}'] + [f'auto-{g}-w{w:g}' for g in guides]
-    return names
+        out += [dict(name=f'cfg-w{w:g}', method='cfg', guide=None, w=float(w))]
+        out += [dict(name=f'auto-{g}-w{w:g}', method='auto', guide=g, w=float(w)) for g in guides]
+    return out
 
 
-def guide_label(path) -> str:
-    """A short name for a guide checkpoint: its training step, e.g. 's1000'."""
-    from edm_lit import checkpoints
-    return f"s{json.loads(checkpoints.find_latest(path).read_text())['step']}"
+def guide_label(net, meta) -> str:
+    """A short name for a guide: its size and training step, e.g. '0.44M-s1000'."""
+    return f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M-s{meta['step']}"
 
 
 def class_sets(n: int, seed: int = 0):
@@ -89,8 +89,8 @@ def run(args) -> int:
         guide, guide_meta = load_net(path, 'ema', 'cpu')
         if guide_meta['model']['overrides'].get('label_dim') != CLASSES:
             raise SystemExit(f'--guide {path}: not a 10-class model of the same task')
-        guides[guide_label(path)] = (guide, str(path))
-    names = setting_names(args.weights, list(guides))
+        guides[guide_label(guide, guide_meta)] = (guide, str(path))
+    todo = settings(args.weights, list(guides))
     keep = dict(checkpoint=str(args.checkpoint), n_per_class=args.n_per_class, seed_start=args.seed_start,
                 num_steps=args.steps)
     if record is not None and any(record[k] != v for k, v in keep.items()):
@@ -113,22 +113,20 @@ def run(args) -> int:
     done = {r['name'] for r in record['results']}
     seeds = list(range(args.seed_start, args.seed_start + CLASSES * args.n_per_class))
     labels = torch.tensor(seeds) % CLASSES
-    for name in names:
-        if name in done: continue
-        method, w = name.split('-')[0], float(name.rsplit('-w', 1)[1])
-        guide = guides[name.split('-')[1]][0] if method == 'auto' else None
-        t0 = time.time()
+    for s in todo:
+        if s['name'] in done: continue
+        t0, w = time.time(), s['w']
+        guide = guides[s['guide']][0] if s['method'] == 'auto' else None
         images = generate(Guided(net, w, guide), seeds, 'heun', args.steps, torch.eye(CLASSES)[labels], args.batch)
         images = images.float() / 127.5 - 1
         f = metrics.extract_features(clf.features, images, 256, 'cpu')
         with torch.no_grad(): hit = (clf.head(f.float()).argmax(1) == labels).double()
-        r = dict(name=name, method=method, guide=name.split('-')[1] if method == 'auto' else None, w=w,
-                 network_evaluations=(2 * args.steps - 1) * (1 if w == 1 else 2), accuracy=hit.mean().item(),
+        r = dict(s, network_evaluations=(2 * args.steps - 1) * (1 if w == 1 else 2), accuracy=hit.mean().item(),
                  class_accuracy=[hit[labels == c].mean().item() for c in range(CLASSES)],
                  **scores([f[labels == c] for c in range(CLASSES)], f_ref), seconds=round(time.time() - t0, 1))
         record['results'].append(r)
         write_record(out, record)  # after every setting: an interrupted sweep keeps what it measured
-        print(f"{name:<18} accuracy {r['accuracy']:.3f}  class FID {r['class_fid']:8.3f}  FID all "
+        print(f"{s['name']:<22} accuracy {r['accuracy']:.3f}  class FID {r['class_fid']:8.3f}  FID all "
               f"{r['fid_all']:8.3f}  ({r['seconds']:.0f} s)", flush=True)
     return 0
 
@@ -143,7 +141,7 @@ def plot(args) -> int:
     curves = {}
     for r in record['results']:
         if r['method'] != 'none':
-            label = 'classifier-free' if r['method'] == 'cfg' else f"autoguidance (guide at step {r['guide'][1:]})"
+            label = 'classifier-free' if r['method'] == 'cfg' else f"autoguidance (guide {r['guide']})"
             curves.setdefault(label, []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), dpi=150)
     for label, rows in curves.items():

@@ -105,7 +105,7 @@ def run(args) -> int:
     from edm_lit import metrics
     out = Path(args.out)
     record = read_record(out, 'sampler-study', 'n')
-    todo = [s for s in settings() if not args.only or s['name'] in args.only]
+    todo = [s for s in settings() if (not args.only or s['name'] in args.only) and s['nfe'] <= args.max_nfe]
     todo.sort(key=lambda s: s['nfe'] > 35)  # stable: every family up to 35 NFE first, then the long settings
     unknown = set(args.only or ()) - {s['name'] for s in settings()}
     if unknown: raise SystemExit(f'--only: unknown settings {sorted(unknown)}; known: {[s["name"] for s in settings()]}')
@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument('--seed-start', type=int, default=0, help='first seed (default 0)')
     p.add_argument('--batch', type=int, default=250, help='images per sampler call (default 250)')
     p.add_argument('--only', nargs='+', metavar='NAME', help='only these settings (e.g. heun-18 euler-32)')
+    p.add_argument('--max-nfe', type=int, default=10**9, metavar='NFE',
+                   help='leave the settings above NFE for a later run (default: none left out)')
     p.add_argument('--out', required=True, help='the results JSON (read back and extended)')
     p.add_argument('--plot', metavar='PNG', help='draw FID against NFE from --out instead of measuring')
     args = p.parse_args(argv)

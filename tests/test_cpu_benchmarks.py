@@ -59,7 +59,7 @@ def test_study_record_continues_and_refuses_another_study(tmp_path):
     assert [x['name'] for x in r['results']] == ['heun-4', 'ipndm-5'] and [x['nfe'] for x in r['results']] == [7, 5]
     assert all(x['fid'] > 0 for x in r['results'])
     proc = _script('sampler_study.py', tmp_path / 'model', '--n', 6, '--batch', 3, '--only', 'heun-4', 'euler-8',
-                   '--out', out)  # heun-4 is done: kept as it was; euler-8 is added
+                   'euler-16', '--max-nfe', 10, '--out', out)  # heun-4 is done: kept; euler-8 added; euler-16 later
     again = json.loads(out.read_text())
     assert proc.returncode == 0 and [x['name'] for x in again['results']] == ['heun-4', 'ipndm-5', 'euler-8']
     assert again['results'][0] == r['results'][0]
@@ -99,11 +99,11 @@ def test_guidance_sweep_scores_each_setting_and_keeps_the_identities(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     by = {x['name']: x for x in r['results']}
-    assert list(by) == ['none-w1', 'cfg-w2', 'auto-s7-w2', 'auto-s3-w2'], list(by)
+    assert list(by) == ['none-w1', 'cfg-w2', 'auto-0.04M-s7-w2', 'auto-0.04M-s3-w2'], list(by)
     assert [x['network_evaluations'] for x in r['results']] == [3, 6, 6, 6] and r['nfe'] == 3
-    same = {k: by['auto-s7-w2'][k] for k in ('class_fids', 'fid_all', 'class_accuracy')}
+    same = {k: by['auto-0.04M-s7-w2'][k] for k in ('class_fids', 'fid_all', 'class_accuracy')}
     assert same == {k: by['none-w1'][k] for k in same}  # guided by itself: the unguided model, bit for bit
-    assert by['auto-s3-w2']['class_fids'] != by['none-w1']['class_fids']
+    assert by['auto-0.04M-s3-w2']['class_fids'] != by['none-w1']['class_fids']
     assert by['cfg-w2']['class_fids'] != by['none-w1']['class_fids']
     for x in r['results']:
         assert len(x['class_fids']) == len(x['class_accuracy']) == 10 and 0 <= x['accuracy'] <= 1
