@@ -27,6 +27,7 @@ install: $(STAMP)
 # than execute.timeout in _config.yml fails the build with the notebook's name and the cell's source.
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --all --toc book/_toc.yml --path-output _build/book -W -n --keep-going
+	$(VENV)/bin/python tools/check_html.py _build/book/_build/html
 	@echo "book: _build/book/_build/html/index.html"
 
 # Every test. nbval re-executes each notebook and compares its outputs with the committed ones; like the book

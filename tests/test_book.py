@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import check_html  # noqa: E402
+
 JB = Path(sys.executable).with_name('jupyter-book')
 
 
@@ -31,7 +34,21 @@ def test_book_builds_without_warnings(tmp_path):
     pages = {p.relative_to(html).as_posix() for p in html.rglob('*.html')}
     for nb in (ROOT / 'notebooks').glob('*.ipynb'):
         assert f'notebooks/{nb.stem}.html' in pages, f'{nb.name} is not in the book: add it to book/_toc.yml'
+    assert check_html.check(html) == {}, 'raw TeX in the HTML (python tools/check_html.py HTML_FOLDER lists it)'
     shutil.rmtree(out / '_build' / '.doctrees', ignore_errors=True)
+
+
+def test_raw_tex_check_finds_tex_outside_math_only():
+    """The build check: TeX cut out of its math by a stray list item is found; math, code and outputs are not."""
+    clean = ('<section class="tex2jax_ignore mathjax_ignore"><p>For <span class="math notranslate">\\(x\\)</span>'
+             '</p><div class="math">\\[\\operatorname{tr} C\\]</div><div class="highlight"><pre>echo $HOME</pre>'
+             '</div><div class="cell_output"><pre>cost: $5</pre></div><p>Costs 5 dollars.</p><br></section>')
+    assert check_html.raw_tex(clean) == []
+    broken = ('<section class="mathjax_ignore"><p>expanding gives $\\E\\lVert X\\rVert^2</p><ul><li><p>2 '
+              '\\operatorname{tr} C<span class="math">\\(, so \\)</span></p></li></ul><p>\\begin{pmatrix}</p>'
+              '</section>')
+    hits = check_html.raw_tex(broken)
+    assert len(hits) == 3 and '$\\E' in hits[0] and '\\operatorname' in hits[1] and '\\begin{' in hits[2], hits
 
 
 def test_make_book_executes_every_chapter_every_time():
