@@ -13,7 +13,7 @@ from .precond import Precond, check_positive, eps_coefficients, nearest_index, p
 # %% auto #0
 __all__ = ['DDPM_SCHEDULES', 'check_steps', 'linear_betas', 'cosine_alpha_bar', 'cosine_betas', 'ddpm_betas', 'alpha_bar',
            'q_sample', 'q_step', 'sigma_from_alpha_bar', 'alpha_bar_from_sigma', 'EpsPrecond', 'ddim_step',
-           'ddim_sampler']
+           'ddim_sampler', 'q_posterior', 'elbo_weight', 'ancestral_step', 'ancestral_sampler']
 
 # %% ../notebooks/12_ddpm.ipynb #0471498d
 DDPM_SCHEDULES = ('linear', 'cosine')
@@ -184,3 +184,50 @@ def ddim_sampler(net, latents: torch.Tensor, sigma_steps, class_labels=None) -> 
         eps = (x - net(x, sigma_steps[i], class_labels).to(torch.float64)) / sigma_steps[i]  # ε̂ = (x − D)/σ
         x_t = ddim_step(x_t, eps, a[i], a[i + 1])  # eq-ddpm-ddim
     return x_t
+
+# %% ../notebooks/12_ddpm.ipynb #946993f6
+def q_posterior(x_0: torch.Tensor, x_t: torch.Tensor, alpha_bar_prev, alpha_bar_t) -> tuple:
+    """Mean and variance of q(x_{t-1} | x_t, x_0), from ᾱ_{t-1} and ᾱ_t (α_t = ᾱ_t / ᾱ_{t-1}).
+
+    Ho et al. (2020), Eqs. 6-7 (eq-ddpm-posterior). Derived in chapter 12.
+    """
+    a_prev = per_sample(alpha_bar_prev, x_t).to(torch.float64)
+    a_t = per_sample(alpha_bar_t, x_t).to(torch.float64)
+    beta_t = 1 - a_t / a_prev
+    mean = (a_prev.sqrt() * beta_t * x_0 + (a_t / a_prev).sqrt() * (1 - a_prev) * x_t) / (1 - a_t)
+    return mean, (1 - a_prev) * beta_t / (1 - a_t)  # eq-ddpm-posterior
+
+# %% ../notebooks/12_ddpm.ipynb #48d0ecf1
+def elbo_weight(sigma_prev, sigma) -> torch.Tensor:
+    """λ_t = (1/σ_{t-1}² − 1/σ_t²) / 2: the weight of the denoising error in the DDPM ELBO term L_{t-1}.
+
+    eq-ddpm-elbo-weight (Ho et al. 2020, Eq. 5 with s_t² = β̃_t; Kingma et al. 2021). Derived in chapter 12.
+    """
+    sigma_prev, sigma = (torch.as_tensor(s, dtype=torch.float64) for s in (sigma_prev, sigma))
+    return 0.5 * (1 / sigma_prev ** 2 - 1 / sigma ** 2)
+
+# %% ../notebooks/12_ddpm.ipynb #74c6b12e
+def ancestral_step(x: torch.Tensor, D_x: torch.Tensor, sigma, sigma_next, z: torch.Tensor) -> torch.Tensor:
+    """One DDPM ancestral step from σ to σ' < σ in the σ-framework: the posterior with x̂_0 = D(x; σ), scaled.
+
+    eq-ddpm-ancestral (Ho et al. 2020, Alg. 2 with s_t² = β̃_t). Derived in chapter 12.
+    """
+    r = (per_sample(sigma_next, x) / per_sample(sigma, x)) ** 2
+    return D_x + r * (x - D_x) + per_sample(sigma_next, x) * (1 - r).sqrt() * z  # eq-ddpm-ancestral
+
+
+def ancestral_sampler(net, latents: torch.Tensor, sigma_steps, class_labels=None, randn_like=torch.randn_like):
+    """DDPM ancestral sampling driven by a denoiser `net(x, sigma, class_labels)` on `sigma_steps` (decreasing,
+    > 0) followed by σ = 0; x starts at σ_0·latents. Float64 state.
+
+    Ho et al. (2020), Alg. 2, in σ-form (eq-ddpm-ancestral). Derived in chapter 12.
+    """
+    sigma_steps = torch.as_tensor(sigma_steps, dtype=torch.float64, device=latents.device).reshape(-1)
+    if not bool((sigma_steps > 0).all() and (sigma_steps[1:] < sigma_steps[:-1]).all()):
+        raise ValueError(f'sigma_steps must be positive and strictly decreasing, got {sigma_steps.tolist()}')
+    sigma_steps = torch.cat([sigma_steps, torch.zeros_like(sigma_steps[:1])])  # σ_N = 0: the last step returns D
+    x = latents.to(torch.float64) * sigma_steps[0]
+    for sigma, sigma_next in zip(sigma_steps[:-1], sigma_steps[1:]):
+        D_x = net(x, sigma, class_labels).to(torch.float64)
+        x = ancestral_step(x, D_x, sigma, sigma_next, randn_like(x))
+    return x

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from edm_lit.ddpm import (EpsPrecond, alpha_bar, alpha_bar_from_sigma, cosine_alpha_bar, cosine_betas, ddim_sampler,
-                          ddim_step, ddpm_betas, linear_betas, q_sample, q_step, sigma_from_alpha_bar)
+from edm_lit.ddpm import (EpsPrecond, alpha_bar, alpha_bar_from_sigma, ancestral_sampler, ancestral_step,
+                          cosine_alpha_bar, cosine_betas, ddim_sampler, ddim_step, ddpm_betas, elbo_weight,
+                          linear_betas, q_posterior, q_sample, q_step, sigma_from_alpha_bar)
 from edm_lit.samplers import integrate
 from edm_lit.schedules import EDM, VP, edm_sigma_steps, ode_derivative, vp_sigma
 from edm_lit.toy import GaussianMixture, ring_mixture
@@ -145,3 +146,46 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='decrease strictly'): EpsPrecond(torch.nn.Identity(), torch.tensor([0.5, 0.9]))
     with pytest.raises(ValueError, match='strictly decreasing'): ddim_sampler(None, torch.zeros(2, 2), [1.0, 2.0])
     with pytest.raises(ValueError, match='batch of 2'): q_sample(torch.zeros(2, 2), torch.ones(3) * 0.5, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize('t', [1, 2, 10, 500, 1000])
+def test_posterior_is_gaussian_conditioning(t):
+    """q(x_{t-1} | x_t, x_0) from the joint Gaussian of (x_{t-1}, x_t) given x_0, conditioned the textbook way."""
+    a = alpha_bar(linear_betas())
+    a_prev, a_t = (a[t - 2] if t > 1 else torch.tensor(1.0, dtype=F64)), a[t - 1]
+    alpha_t = a_t / a_prev
+    x_0, x_t = torch.tensor([[0.7], [-1.3]], dtype=F64), torch.tensor([[0.2], [2.5]], dtype=F64)
+    cov, var_t, var_prev = alpha_t.sqrt() * (1 - a_prev), 1 - a_t, 1 - a_prev  # Cov(x_{t-1}, x_t), Var x_t, Var x_{t-1}
+    mean = a_prev.sqrt() * x_0 + cov / var_t * (x_t - a_t.sqrt() * x_0)
+    got_mean, got_var = q_posterior(x_0, x_t, a_prev, a_t)
+    assert torch.allclose(got_mean, mean, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got_var.reshape(-1)[0], var_prev - cov ** 2 / var_t, rtol=1e-9, atol=1e-15)
+    if t == 1: assert torch.equal(got_mean, x_0) and got_var.abs().max() == 0  # ᾱ_0 = 1: the point x_0
+
+
+def test_elbo_weights_telescope():
+    """sum_t λ_t = (1/σ_1² − 1/σ_T²) / 2 over any grid, every λ_t > 0 on a decreasing-σ chain."""
+    sigma = sigma_from_alpha_bar(alpha_bar(linear_betas()))  # increasing with t
+    lam = elbo_weight(sigma[:-1], sigma[1:])
+    assert (lam > 0).all()
+    assert lam.sum().item() == pytest.approx(0.5 * (1 / sigma[0] ** 2 - 1 / sigma[-1] ** 2).item(), rel=1e-12)
+
+
+def test_ancestral_step_ends_and_no_move():
+    x, D_x, z = (torch.randn(3, 2, generator=torch.Generator().manual_seed(k), dtype=F64) for k in range(3))
+    assert torch.equal(ancestral_step(x, D_x, 2.0, 0.0, z), D_x)  # σ' = 0: the denoised image, no noise
+    assert torch.allclose(ancestral_step(x, D_x, 2.0, 2.0, z), x, atol=1e-15)  # σ' = σ: nothing moves
+    per_sample_sigma = torch.tensor([2.0, 1.0, 0.5], dtype=F64)
+    got = ancestral_step(x, D_x, per_sample_sigma, per_sample_sigma / 2, z)
+    for i in range(3):
+        assert torch.allclose(got[i], ancestral_step(x[i:i + 1], D_x[i:i + 1], per_sample_sigma[i],
+                                                     per_sample_sigma[i] / 2, z[i:i + 1])[0])
+
+
+def test_ancestral_sampler_lands_on_a_point_mass_and_checks_its_grid():
+    point = GaussianMixture([1.0], [[0.25, -0.5]], [1e-9])
+    x = ancestral_sampler(point, torch.randn(64, 2, dtype=F64), edm_sigma_steps(10))
+    assert (x - torch.tensor([0.25, -0.5], dtype=F64)).abs().max() < 1e-8
+    for bad in ([1.0, 2.0], [1.0, 0.0], [1.0, 1.0]):
+        with pytest.raises(ValueError, match='strictly decreasing'):
+            ancestral_sampler(point, torch.randn(4, 2), bad)
