@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
@@ -111,3 +112,16 @@ def test_a_hanging_cell_fails_the_build_fast_and_names_notebook_and_cell(tmp_pat
     assert 'hang' in out and 'CellTimeoutError' in out, out[-3000:]
     log = next((tmp_path / '_build').rglob('hang.err.log'))  # myst-nb's report for the failed notebook
     assert 'time.sleep(600)' in log.read_text() and '5 seconds' in log.read_text(), log.read_text()[-2000:]
+
+
+def test_getting_started_example_runs(monkeypatch):
+    """The five-line example of book/getting_started.md runs as printed and makes what its comments say."""
+    monkeypatch.chdir(ROOT)  # the example names the model by its path in the repository
+    text = (ROOT / 'book' / 'getting_started.md').read_text()
+    code = re.findall(r'```python\n(.*?)```', text, re.S)
+    assert len(code) == 1
+    scope = {}
+    exec(compile(code[0], 'getting_started.md', 'exec'), scope)  # noqa: S102 - our own page
+    assert scope['points'].shape == (1000, 2) and scope['points'].isfinite().all()
+    assert scope['points'].norm(dim=1).mean().item() == pytest.approx(0.7, abs=0.05)  # on the ring of radius 0.7
+    assert scope['images'].shape == (8, 1, 32, 32) and scope['images'].dtype == torch.uint8
