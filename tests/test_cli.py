@@ -37,10 +37,10 @@ def test_console_script_help_and_a_bad_value():
 
 def test_top_level_help(capsys):
     code, out, _ = _run(capsys, '--help')
-    assert code == 0 and all(c in out for c in ('train', 'sample', 'eval', 'info', 'export', 'convert'))
+    assert code == 0 and all(c in out for c in ('train', 'sample', 'eval', 'info', 'export', 'convert', 'phema'))
 
 
-@pytest.mark.parametrize('command', ['', 'train', 'sample', 'eval', 'info', 'export', 'convert'])
+@pytest.mark.parametrize('command', ['', 'train', 'sample', 'eval', 'info', 'export', 'convert', 'phema'])
 def test_help_of_every_subcommand(capsys, command):
     """argparse %-formats help strings: a bare % in one made `sample --help` crash with a TypeError."""
     code, out, err = _run(capsys, *([command] if command else []), '--help')

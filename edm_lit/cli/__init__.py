@@ -1,4 +1,4 @@
-r"""The `edm-lit` command line: train | sample | eval | info | export | convert (plain module, not generated).
+r"""The `edm-lit` command line: train | sample | eval | info | export | convert | phema (plain module, not generated).
 
     edm-lit train --dataset fashion-mnist --resolution 16 --preset ddpmpp-small --batch 16 --steps 300 \
         --lr 2e-3 --lr-rampup 0 --ema 2k --outdir runs/fm   # CPU: ~2 min (OMP_NUM_THREADS=1 on a busy machine)
@@ -7,10 +7,11 @@ r"""The `edm-lit` command line: train | sample | eval | info | export | convert 
     edm-lit info runs/fm
     edm-lit export runs/fm models/fm                          # the EMA weights alone: small, for sample / eval
     edm-lit convert network-snapshot-200000.pkl runs/official   # an official EDM snapshot, nothing in it run
+    edm-lit phema runs/fm models/fm-0.07 --sigma-rel 0.07     # post-hoc EMA of a run trained with --phema
     torchrun --nproc_per_node=8 -m edm_lit.cli train ...      # one process per GPU (DDP)
 
-One module per sub-command (train.py, sample.py, eval.py, info.py, export.py, convert.py) and the argument types
-(args.py).
+One module per sub-command (train.py, sample.py, eval.py, info.py, export.py, convert.py, phema.py) and the
+argument types (args.py).
 Training is `edm_lit.train.training_loop` (chapter 9); sampling is the EDM sampler, Algorithm 2 (chapter 4), with one
 seed per image; evaluation is `edm_lit.metrics.evaluate` (chapter 10); conversion is `edm_lit.official`. Bad values
 exit with status 2 (argument errors) or 1 (everything else: missing data or checkpoints, corrupt files, a diverged
@@ -30,6 +31,7 @@ from .convert import add_convert_parser
 from .eval import add_eval_parser
 from .export import add_export_parser
 from .info import add_info_parser
+from .phema import add_phema_parser
 from .train import add_train_parser
 # What edm_lit.cli held as one module stays importable from it (tests, benchmarks/train_speed.py):
 from .args import nonneg_int, parse_count, parse_seeds, positive_float, positive_int, probability  # noqa: F401
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_info_parser(sub)
     add_export_parser(sub)
     add_convert_parser(sub)
+    add_phema_parser(sub)
     return parser
 
 

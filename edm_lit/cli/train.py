@@ -91,7 +91,7 @@ def _check_total(args, config, saved: dict) -> None:
                      f'would not train; give more --steps (or --duration) than the checkpoint has')
 
 
-def _train(args, saved: dict, resume, outdir: Path, config, d: dict) -> None:
+def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict | None) -> None:
     """cmd_train once the run folder's lock is held: claim the folder (again: no other run can now write into it),
     load, train."""
     runs.claim_run_dir(outdir, resume)
@@ -114,9 +114,16 @@ def _train(args, saved: dict, resume, outdir: Path, config, d: dict) -> None:
         labels = torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else None
         save_grid(generate(ema, list(range(n)), class_labels=labels), path)
     meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data), fingerprint=fingerprint))
+    callback = None
+    if phema is not None:  # post-hoc EMA (chapter 14): power-function averages and their snapshots
+        from .phema import PhemaTracker
+        meta['phema'] = phema
+        callback = PhemaTracker(net, outdir, phema, saved.get('step', 0), config.total_steps, meta,
+                                config.batch_size)
     t0 = time.time()
     training.training_loop(net, EDMLoss(), data, config, outdir, meta=meta, label_dim=label_dim, device=args.device,
-                           augment_pipe=augment_pipe, resume=resume, grid_fn=grid_fn, progress=not args.quiet)
+                           augment_pipe=augment_pipe, resume=resume, grid_fn=grid_fn, progress=not args.quiet,
+                           callback=callback)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f'reached step {config.total_steps} ({config.total_steps * config.batch_size} images) after '
               f'{time.time() - t0:.1f} s; latest checkpoint: {checkpoints.find_latest(outdir)}')
@@ -127,7 +134,8 @@ def cmd_train(args) -> int:
     saved, resume = {}, None
     if args.resume:
         fixed = [f'--{k.replace("_", "-")}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond',
-                                                      'augment', 'dropout', 'label_dropout', 'channels')
+                                                      'augment', 'dropout', 'label_dropout', 'channels', 'phema',
+                                                      'phema_every')
                  if getattr(args, k) is not None]
         if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
         resume = checkpoints.find_latest(args.resume)
@@ -147,10 +155,12 @@ def cmd_train(args) -> int:
     _check_outdir(outdir, d)
     config = _train_config(args, saved.get('config', {}))
     _check_total(args, config, saved)
+    from .phema import check_phema_flags
+    phema = saved.get('phema') if resume else check_phema_flags(args.phema, args.phema_every, config.checkpoint_every)
     # one run at a time in a folder (rank 0 holds the lock; under torchrun the other ranks write nothing there)
     lock = runs.run_lock(outdir) if int(os.environ.get('RANK', '0')) == 0 else contextlib.nullcontext()
     with lock:
-        _train(args, saved, resume, outdir, config, d)
+        _train(args, saved, resume, outdir, config, d, phema)
     return 0
 
 
@@ -192,6 +202,12 @@ def add_train_parser(sub, presets):
     a('--grid-every', type=positive_int, metavar='STEPS', help='sample-grid interval (default: never)')
     a('--log-every', type=positive_int, metavar='STEPS', help='metrics interval (default 100)')
     a('--keep', type=nonneg_int, help='checkpoints kept (default 2; 0 keeps all)')
+    from .phema import sigma_rel
+    a('--phema', type=sigma_rel, nargs='+', metavar='SIGMA_REL', help='post-hoc EMA (chapter 14): track power-function '
+      'averages of these widths (EDM2: 0.05 0.10) and store them in RUN/phema-<width>/; `edm-lit phema` rebuilds any '
+      'width from them after training')
+    a('--phema-every', type=positive_int, metavar='STEPS', help='snapshot interval of --phema (default: '
+                                                                  '--checkpoint-every, which it must divide)')
     a('--device', type=device, help='cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: one GPU per '
                                     'process)')
     a('--quiet', action='store_true', help='no progress bar')
