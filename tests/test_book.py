@@ -125,3 +125,19 @@ def test_getting_started_example_runs(monkeypatch):
     assert scope['points'].shape == (1000, 2) and scope['points'].isfinite().all()
     assert scope['points'].norm(dim=1).mean().item() == pytest.approx(0.7, abs=0.05)  # on the ring of radius 0.7
     assert scope['images'].shape == (8, 1, 32, 32) and scope['images'].dtype == torch.uint8
+
+
+def test_nbdev_directives_are_hidden_from_the_reader():
+    """book/_ext/hide_nbdev.py: `#| ...` lines leave every code cell; a cell that held nothing else is removed."""
+    sys.path.insert(0, str(ROOT / 'book' / '_ext'))
+    import hide_nbdev
+    nb = json.loads((ROOT / 'notebooks' / '14_phema.ipynb').read_text())
+    shown = json.loads(hide_nbdev.strip_directives(json.dumps(nb)))
+    assert len(shown['cells']) == len(nb['cells'])
+    for before, after in zip(nb['cells'], shown['cells']):
+        if before['cell_type'] != 'code': assert after == before; continue
+        src, out = ''.join(before['source']), ''.join(after['source'])
+        assert not any(line.startswith('#|') for line in out.splitlines())
+        assert [l for l in src.splitlines() if not l.startswith('#|')] == out.splitlines() or not out.strip()
+        if not out.strip(): assert 'remove-cell' in after['metadata']['tags']
+    assert any('#| export' in ''.join(c['source']) for c in nb['cells'])  # the notebook itself keeps them
