@@ -1,6 +1,7 @@
 """`edm-lit train --phema` and `edm-lit phema` (chapter 14 on real runs): the snapshots are the power-function averages
 of the raw weights step by step (checked against the weights of every step), survive an interrupted run bit for bit,
-and rebuild a stored width exactly; bad flags and folders are refused by name."""
+and rebuild a stored width exactly; bad flags and folders are refused by name. Also the VP and VE columns of
+Table 1 (`--precond`, `--loss`) that the training ladder (Table 2) needs."""
 import math
 
 import numpy as np
@@ -111,3 +112,24 @@ def test_phema_refusals(capsys, tmp_path):
     assert code == 1 and 'needs the post-hoc EMA snapshot' in err, err
     code, _, err = _run(capsys, 'phema', tmp_path / 'r', tmp_path / 'o2', '--sigma-rel', 0.1, '--step', 3)
     assert code == 1 and '--step 3: no snapshot at that step' in err, err
+
+
+def test_vp_and_ve_columns_train_resume_exactly_and_sample(capsys, tmp_path):
+    """--precond / --loss pick Table 1's columns (the ladder of Table 2 needs VP and VE runs); both are recorded, a
+    resumed run keeps them and ends bit-identical to one that never stopped, and the model samples."""
+    for column in ('vp', 've'):
+        flags = ('--precond', column, '--loss', column, '--checkpoint-every', 2)
+        code, _, err = _run(capsys, *TRAIN, '--steps', 4, *flags, '--outdir', tmp_path / f'{column}-whole')
+        assert code == 0, err
+        code, _, err = _run(capsys, *TRAIN, '--steps', 2, *flags, '--outdir', tmp_path / f'{column}-cut')
+        assert code == 0, err
+        code, _, err = _run(capsys, 'train', '--resume', tmp_path / f'{column}-cut', '--steps', 4, '--quiet')
+        assert code == 0, err
+        paths = [tmp_path / f'{column}-{r}' / 'training-state-00000004.json' for r in ('whole', 'cut')]
+        (a, meta), (b, _) = (checkpoints.load_checkpoint(p) for p in paths)
+        assert meta['model']['precond'] == column and meta['loss'] == column
+        assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(('net.', 'ema.')))
+        code, _, err = _run(capsys, 'sample', paths[0], '--seeds', '0-1', '--steps', 3, '--outdir', tmp_path / column)
+        assert code == 0, err
+    code, _, err = _run(capsys, 'train', '--resume', tmp_path / 'vp-whole', '--steps', 6, '--loss', 'edm')
+    assert code == 1 and '--loss cannot change when resuming' in err, err

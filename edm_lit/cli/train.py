@@ -4,8 +4,9 @@ r"""`edm-lit train`: train a model, or resume one, from the command line (plain 
         --lr 2e-3 --lr-rampup 0 --ema 2k --outdir runs/fm   # CPU: ~2 min (OMP_NUM_THREADS=1 on a busy machine)
     torchrun --nproc_per_node=8 -m edm_lit.cli train ...      # one process per GPU (DDP)
 
-`edm_lit.train.training_loop` (chapter 9) around the EDM preconditioning (chapter 5) of a U-Net preset (chapter 7),
-the EDM loss (chapter 6) and, optionally, the non-leaky augmentation (chapter 8).
+`edm_lit.train.training_loop` (chapter 9) around a preconditioning (chapter 5; EDM unless --precond vp|ve) of a U-Net
+preset (chapter 7), a loss (chapter 6; EDM unless --loss vp|ve) and, optionally, the non-leaky augmentation
+(chapter 8) and post-hoc EMA snapshots (chapter 14, --phema).
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def _model_record(args, data, label_dim: int) -> dict:
         if not label_dim: raise ValueError(f'--label-dropout {args.label_dropout} needs --cond (class labels to drop)')
         overrides['label_dropout'] = args.label_dropout
     if args.channels is not None: overrides['model_channels'] = args.channels
-    return dict(preset=args.preset, overrides=overrides)
+    model = dict(preset=args.preset, overrides=overrides)
+    if args.precond not in (None, 'edm'): model['precond'] = args.precond  # Table 1 column (chapter 5); default EDM
+    return model
 
 
 def _train_config(args, saved: dict) -> training.TrainConfig:
@@ -107,13 +110,14 @@ def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict
     if d['augment']:
         from ..augment import AugmentPipe
         augment_pipe = AugmentPipe(p=d['augment'])
-    from ..loss import EDMLoss
+    from ..loss import EDMLoss, VELoss, VPLoss
+    loss = saved.get('loss') or args.loss or 'edm'  # Table 1 training column (chapter 6)
 
     def grid_fn(ema, path):  # 8 x 8 images on a GPU, 4 x 4 on a CPU (35 NFE each)
         n = 64 if next(ema.parameters()).is_cuda else 16
         labels = torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else None
         save_grid(generate(ema, list(range(n)), class_labels=labels), path)
-    meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data), fingerprint=fingerprint))
+    meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data), fingerprint=fingerprint), loss=loss)
     callback = None
     if phema is not None:  # post-hoc EMA (chapter 14): power-function averages and their snapshots
         from .phema import PhemaTracker
@@ -121,7 +125,8 @@ def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict
         callback = PhemaTracker(net, outdir, phema, saved.get('step', 0), config.total_steps, meta,
                                 config.batch_size)
     t0 = time.time()
-    training.training_loop(net, EDMLoss(), data, config, outdir, meta=meta, label_dim=label_dim, device=args.device,
+    loss_fn = {'edm': EDMLoss, 'vp': VPLoss, 've': VELoss}[loss]()
+    training.training_loop(net, loss_fn, data, config, outdir, meta=meta, label_dim=label_dim, device=args.device,
                            augment_pipe=augment_pipe, resume=resume, grid_fn=grid_fn, progress=not args.quiet,
                            callback=callback)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -135,7 +140,7 @@ def cmd_train(args) -> int:
     if args.resume:
         fixed = [f'--{k.replace("_", "-")}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond',
                                                       'augment', 'dropout', 'label_dropout', 'channels', 'phema',
-                                                      'phema_every')
+                                                      'phema_every', 'precond', 'loss')
                  if getattr(args, k) is not None]
         if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
         resume = checkpoints.find_latest(args.resume)
@@ -182,6 +187,9 @@ def add_train_parser(sub, presets):
     a('--label-dropout', type=probability, metavar='P', help='with --cond: probability of training a sample without '
                                                             'its label (classifier-free guidance; default 0)')
     a('--channels', type=positive_int, metavar='N', help="base channel count, model_channels (default: the preset's)")
+    a('--precond', choices=('edm', 'vp', 've'), help='preconditioning, a Table 1 column (chapter 5; default edm)')
+    a('--loss', choices=('edm', 'vp', 've'), help='p_train and lambda(sigma), a Table 1 column (chapter 6; default '
+                                                  'edm)')
     a('--batch', type=positive_int, help='total batch size (default 512)')
     a('--batch-gpu', type=positive_int, help='limit per process and accumulation round')
     d = p.add_mutually_exclusive_group()
