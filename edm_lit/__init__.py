@@ -8,6 +8,7 @@ Modules:
 - `edm_lit.cli.eval`: `edm-lit eval`: FID and KID of a checkpoint's samples or of a folder of images (plain module, not generated).
 - `edm_lit.cli.export`: `edm-lit export`: a checkpoint's EMA (or raw) weights alone, as a small checkpoint (plain module, not generated).
 - `edm_lit.cli.info`: `edm-lit info`: a checkpoint's configuration and parameter count as JSON (plain module, not generated).
+- `edm_lit.cli.phema`: `edm-lit phema` and `train --phema`: post-hoc EMA (chapter 14) on real runs (plain module, not generated).
 - `edm_lit.cli.sample`: `edm-lit sample`: one PNG per seed and a grid from a checkpoint (plain module, not generated).
 - `edm_lit.cli.train`: `edm-lit train`: train a model, or resume one, from the command line (plain module, not generated).
 - `edm_lit.data`: Data plumbing: Fashion-MNIST from Debian's files, torchvision or the embedded subset (plain module, not generated).
