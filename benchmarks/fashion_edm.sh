@@ -6,7 +6,7 @@
 #     bash benchmarks/fashion_edm.sh train     # ~1.5 h on 2 cores (resume after an interruption: run it again)
 #     bash benchmarks/fashion_edm.sh export    # EMA weights + metrics + the run record into book/results/fashion_edm
 #     bash benchmarks/fashion_edm.sh eval      # 3 x 10,000 samples, FID/KID against the test set (~31 min each)
-#     bash benchmarks/fashion_edm.sh study     # FID against NFE for every sampler, n = 500 (~45 min; resumable)
+#     bash benchmarks/fashion_edm.sh study     # FID against NFE for every sampler, n = 500 (~50 min; resumable)
 #     bash benchmarks/fashion_edm.sh guides    # two weaker models for autoguidance (~10 min)
 #     bash benchmarks/fashion_edm.sh guidance  # pick the guide, then CFG and autoguidance against w (~40 min)
 set -euo pipefail
