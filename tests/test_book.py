@@ -25,6 +25,7 @@ def test_book_builds_without_warnings(tmp_path):
     config = (ROOT / '_config.yml').read_text()
     assert 'execute_notebooks: force' in config
     stored = tmp_path / '_config.yml'
+    config = config.replace(' book/_ext ', f' {ROOT / "book" / "_ext"} ')  # local extensions: relative to the config
     stored.write_text(config.replace('execute_notebooks: force', 'execute_notebooks: "off"'))
     out = tmp_path / 'out'
     proc = subprocess.run([str(JB), 'build', str(ROOT), '--config', str(stored), '--toc', str(ROOT / 'book/_toc.yml'),
@@ -98,6 +99,7 @@ def test_a_hanging_cell_fails_the_build_fast_and_names_notebook_and_cell(tmp_pat
     assert 60 <= timeout <= 600, f'execute.timeout = {timeout} s: too short for the chapters, or not fast to fail'
     config = (ROOT / '_config.yml').read_text()
     config = re.sub(r'(?m)^(\s+timeout:\s*)\d+', r'\g<1>5', config)  # same config, a 5 s budget for the test
+    config = config.replace(' book/_ext ', f' {ROOT / "book" / "_ext"} ')  # local extensions: relative to the config
     config = re.sub(r'(?m)^bibtex_bibfiles:\n(\s+-.*\n)+', '', config)
     config = re.sub(r'(?m)^(\s+html_static_path:).*\n', '', config)
     (tmp_path / '_config.yml').write_text(config)
