@@ -315,9 +315,11 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'edm_lit.train.global_mean': ('training.html#global_mean', 'edm_lit/train.py'),
                                'edm_lit.train.init_distributed': ('training.html#init_distributed', 'edm_lit/train.py'),
                                'edm_lit.train.is_due': ('training.html#is_due', 'edm_lit/train.py'),
+                               'edm_lit.train.ladder_settings': ('training.html#ladder_settings', 'edm_lit/train.py'),
                                'edm_lit.train.learning_rate': ('training.html#learning_rate', 'edm_lit/train.py'),
                                'edm_lit.train.local_batches': ('training.html#local_batches', 'edm_lit/train.py'),
                                'edm_lit.train.make_optimizer': ('training.html#make_optimizer', 'edm_lit/train.py'),
                                'edm_lit.train.optimizer_step': ('training.html#optimizer_step', 'edm_lit/train.py'),
+                               'edm_lit.train.redistribute_capacity': ('training.html#redistribute_capacity', 'edm_lit/train.py'),
                                'edm_lit.train.training_loop': ('training.html#training_loop', 'edm_lit/train.py'),
                                'edm_lit.train.update_ema': ('training.html#update_ema', 'edm_lit/train.py')}}}

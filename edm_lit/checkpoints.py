@@ -283,15 +283,16 @@ def read_training_meta(path) -> dict:
     return meta
 
 
-def restore_training_state(path, net, ema, optimizer, expect: dict) -> tuple[int, dict]:
+def restore_training_state(path, net, ema, optimizer, expect: dict, defaults: dict | None = None) -> tuple[int, dict]:
     """Load net, EMA, optimizer and RNG states; returns (step, metadata).
 
     `expect` maps config names to the values this run uses; a checkpoint made with other values is refused, since
-    the run could not continue exactly.
+    the run could not continue exactly. A name the checkpoint lacks (written before the setting existed) has its
+    value in `defaults`, if given there.
     """
     read_training_meta(path)
     tensors, meta = load_checkpoint(path)
-    saved = meta['config']
+    saved = dict(defaults or {}, **meta['config'])
     for name, value in expect.items():
         if saved.get(name) != value:
             raise CheckpointError(f'cannot resume from {path}: it was made with {name}={saved.get(name)!r}, this run '

@@ -9,7 +9,7 @@ import functools
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,11 @@ from . import checkpoints as ckpt
 from . import runs
 
 # %% auto #0
-__all__ = ['STREAM_INIT', 'STREAM_DATA', 'STREAM_STEP', 'PRECISIONS', 'TRAJECTORY', 'ema_beta', 'update_ema', 'learning_rate',
-           'derive_seed', 'epoch_permutation', 'batch_indices', 'local_batches', 'TrainConfig', 'TrainingDiverged',
-           'init_distributed', 'accumulate_gradients', 'optimizer_step', 'global_mean', 'is_due', 'make_optimizer',
-           'training_loop']
+__all__ = ['STREAM_INIT', 'STREAM_DATA', 'STREAM_STEP', 'PRECISIONS', 'TRAJECTORY', 'PAPER_NIMG', 'SONG_BATCH', 'LADDER',
+           'LADDER_ARCH', 'ema_beta', 'update_ema', 'learning_rate', 'derive_seed', 'epoch_permutation',
+           'batch_indices', 'local_batches', 'TrainConfig', 'TrainingDiverged', 'init_distributed',
+           'accumulate_gradients', 'optimizer_step', 'global_mean', 'is_due', 'make_optimizer', 'training_loop',
+           'redistribute_capacity', 'ladder_settings']
 
 # %% ../notebooks/09_training.ipynb #d567fbb5
 def ema_beta(cur_nimg: int, batch_size: int, ema_halflife_nimg: float, ema_rampup_ratio: float | None = 0.05) -> float:
@@ -115,6 +116,8 @@ class TrainConfig:
     ema_halflife_nimg: float = 500_000
     ema_rampup_ratio: float | None = 0.05
     loss_scaling: float = 1.0
+    grad_clip: float | None = None         # clip the gradient's L2 norm to this (Song et al.: 1); None: no clipping
+    xflip: bool = False                    # mirror each training image with probability 1/2 (dataset x-flips)
     seed: int = 0
     precision: str = 'fp32'                # 'fp32' (TF32 off, as official) or 'bf16' (autocast)
     compile: bool = False                  # torch.compile the network
@@ -127,7 +130,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ('batch_size', 'total_nimg', 'lr', 'log_every', 'loss_scaling', 'ema_halflife_nimg', 'batch_gpu',
-                     'checkpoint_every', 'grid_every', 'ema_rampup_ratio'):
+                     'checkpoint_every', 'grid_every', 'ema_rampup_ratio', 'grad_clip'):
             value = getattr(self, name)
             if value is not None and not value > 0: raise ValueError(f'{name} must be positive, got {value!r}')
         if self.seed < 0 or self.keep < 0 or self.lr_rampup_nimg < 0:
@@ -154,7 +157,7 @@ PRECISIONS = ('fp32', 'bf16')
 
 
 TRAJECTORY = ('batch_size', 'batch_gpu', 'lr', 'lr_rampup_nimg', 'ema_halflife_nimg', 'ema_rampup_ratio',
-              'loss_scaling', 'seed', 'precision')  # must match on resume for the run to continue exactly
+              'loss_scaling', 'grad_clip', 'xflip', 'seed', 'precision')  # must match on resume for the run to continue exactly
 
 
 class TrainingDiverged(RuntimeError):
@@ -186,6 +189,9 @@ def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_di
     per_rank, total = sum(len(r) for r in rounds), 0.0
     for i, idx in enumerate(rounds):
         images = dataset.images[idx].to(device, non_blocking=True)
+        if config.xflip:  # each image mirrored with probability 1/2, drawn from the step's seeded stream
+            flip = (torch.rand(len(idx)) < 0.5).to(device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if config.channels_last: images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.nn.functional.one_hot(dataset.labels[idx], label_dim).to(device, torch.float32) \
             if label_dim else None
@@ -198,14 +204,17 @@ def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_di
     return total
 
 
-def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate, replace NaN/inf gradients (nan -> 0, +-inf -> +-1e5) and take an Adam step.
+def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
+                   grad_clip: float | None = None) -> None:
+    """Set the learning rate, replace NaN/inf gradients (nan -> 0, +-inf -> +-1e5), clip the gradient's L2 norm to
+    `grad_clip` if given (Song et al.'s baseline: 1; EDM: none) and take an Adam step.
 
     Official training loop, 'Update weights'. Derived in chapter 9.
     """
     for g in optimizer.param_groups: g['lr'] = lr
     for p in net.parameters():
         if p.grad is not None: torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    if grad_clip is not None: torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     optimizer.step()
 
 
@@ -250,7 +259,8 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer, start, last = make_optimizer(net, config, device), 0, resume
     if resume is not None:
-        start, _ = ckpt.restore_training_state(resume, net, ema, optimizer, {k: getattr(config, k) for k in TRAJECTORY})
+        start, _ = ckpt.restore_training_state(resume, net, ema, optimizer, {k: getattr(config, k) for k in TRAJECTORY},
+                                              defaults={f.name: f.default for f in fields(TrainConfig)})
     meta = dict(meta or {}, config=asdict(config), world_size=world_size)
     lock = contextlib.ExitStack()  # the run folder's lock, held for the loop and given back however it ends
     if run_dir is not None and rank == 0:
@@ -271,7 +281,7 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
             optimizer.zero_grad(set_to_none=True)
             acc += accumulate_gradients(fwd, loss_fn, dataset, rounds, device, config, label_dim, augment_pipe)
             lr = learning_rate(cur_nimg, config.lr, config.lr_rampup_nimg)
-            optimizer_step(net, optimizer, lr)
+            optimizer_step(net, optimizer, lr, config.grad_clip)
             update_ema(ema, net, ema_beta(cur_nimg, config.batch_size, config.ema_halflife_nimg, config.ema_rampup_ratio))
             done, n_acc = step + 1, n_acc + 1
             bar.update()
@@ -296,3 +306,51 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
             if grid_fn is not None and is_due(done, config.grid_every): grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
         bar.close()
     return ema, history
+
+# %% ../notebooks/09_training.ipynb #73dbb1ca
+PAPER_NIMG = 200_000_000  # every model of Table 2 was trained for 200 Mimg (App. F.3)
+SONG_BATCH = 128          # Song et al.'s batch (config A); EDM's configs B-F use 512 on CIFAR-10
+LADDER = ('A', 'B', 'C', 'D', 'E', 'F')
+LADDER_ARCH = {  # the U-Net of each base (chapter 7): DDPM++ for VP, NCSN++ for VE; configs E and F differ only here
+    'vp': dict(embedding_type='positional', encoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1]),
+    've': dict(embedding_type='fourier', encoder_type='residual', channel_mult_noise=2, resample_filter=[1, 3, 3, 1])}
+
+
+def redistribute_capacity(channel_mult) -> list[int]:
+    """Config C: every level takes the multiplier of the level below it and the lowest level goes (App. F.3):
+    (1, 2, 2, 2) -> (2, 2, 2) at 32x32 (256 channels at 32x32 instead of 128, no 4x4 level) and
+    (1, 1, 2, 2, 2) -> (1, 2, 2, 2) at 64x64 (128 at 64x64 still; 256 at 32x32)."""
+    mult = [int(m) for m in channel_mult]
+    if len(mult) < 2: raise ValueError(f'channel_mult {tuple(mult)} has no lower level to remove (config C)')
+    return mult[1:]
+
+
+def ladder_settings(config: str, base: str = 'vp', total_nimg: int = PAPER_NIMG, pixels: int | None = None) -> dict:
+    """What config `config` (A-F) of Table 2 sets on top of `base` ('vp' or 've'), for a run of `total_nimg` images.
+
+    Returns `train` (TrainConfig fields), `dropout`, `arch` (U-Net overrides), `redistribute` (apply
+    `redistribute_capacity`), `precond`, `loss` (Table 1 columns), `augment` (probability) and `scale`. Durations are
+    the paper's times scale = total_nimg / 200 M, in whole images (an EMA half-life at least 1). `pixels` (C*H*W of an image) gives config A with VP Song et al.'s
+    mean over pixels; without it `loss_scaling` is left out. Paper §5, App. F.3. Derived in chapter 9.
+    """
+    if config not in LADDER: raise ValueError(f'unknown config {config!r}; expected one of {LADDER}')
+    if base not in LADDER_ARCH: raise ValueError(f'unknown base {base!r}; expected vp or ve')
+    if not total_nimg > 0: raise ValueError(f'total_nimg must be positive, got {total_nimg!r}')
+    if pixels is not None and not pixels > 0: raise ValueError(f'pixels must be positive, got {pixels!r}')
+    scale, rung = total_nimg / PAPER_NIMG, LADDER.index(config)
+    if rung == 0:  # Song et al.: warm-up 5000 steps, EMA rate per step at batch 128, clipping, their loss normalization
+        ema_rate = 0.9999 if base == 'vp' else 0.999
+        train = dict(batch_size=SONG_BATCH, lr=2e-4, lr_rampup_nimg=round(5000 * SONG_BATCH * scale),
+                     ema_halflife_nimg=max(1, round(SONG_BATCH * math.log(0.5) / math.log(ema_rate) * scale)),
+                     ema_rampup_ratio=None, grad_clip=1.0, xflip=True)
+        if base == 've': train['loss_scaling'] = 0.5
+        elif pixels is not None: train['loss_scaling'] = 1 / pixels
+        dropout = 0.10
+    else:          # EDM's loop from config B on
+        train = dict(batch_size=512, lr=10e-4, lr_rampup_nimg=round(10_000_000 * scale),
+                     ema_halflife_nimg=max(1, round(500_000 * scale)), ema_rampup_ratio=0.05, grad_clip=None,
+                     loss_scaling=1.0, xflip=config != 'F')
+        dropout = 0.13
+    return dict(train=train, dropout=dropout, arch=dict(LADDER_ARCH[base]), redistribute=rung >= 2,
+                precond='edm' if rung >= 3 else base, loss='edm' if rung >= 4 else base,
+                augment=0.12 if rung >= 5 else 0.0, scale=scale)

@@ -12,7 +12,8 @@ import re
 from .. import validators
 
 __all__ = ['parse_count', 'parse_seeds', 'format_seeds', 'number', 'positive_int', 'nonneg_int', 'positive_float',
-           'nonneg_float', 'finite_nonneg_float', 'probability', 'learning_rate', 'resolution', 'device']
+           'nonneg_float', 'finite_nonneg_float', 'probability', 'learning_rate', 'resolution', 'device', 'channel_mult',
+           'ratio_or_none']
 
 _SUFFIX = {'': 1, 'k': 10**3, 'M': 10**6, 'G': 10**9}
 
@@ -45,6 +46,21 @@ probability = number(float, lambda v: 0 <= v <= 1, 'a probability in [0, 1]')
 learning_rate = number(float, lambda v: 0 < v <= validators.MAX_LR, f'a learning rate in (0, {validators.MAX_LR:g}]')
 resolution = number(int, lambda v: 1 <= v <= validators.MAX_RESOLUTION,
                     f'an image size in [1, {validators.MAX_RESOLUTION}]')
+
+
+def channel_mult(text: str) -> list[int]:
+    """'1,2,2' -> [1, 2, 2]: a U-Net's channel multiplier per resolution level (chapter 7), 1 to 8 levels of 1 to 64."""
+    parts = text.split(',')
+    if not 1 <= len(parts) <= 8 or not all(p.strip().isascii() and p.strip().isdigit() and 1 <= int(p) <= 64
+                                           for p in parts):
+        raise argparse.ArgumentTypeError(f'expected 1 to 8 multipliers in 1..64 like 1,2,2, got {text!r}')
+    return [int(p) for p in parts]
+
+
+def ratio_or_none(text: str) -> float | None:
+    """'0.05' -> 0.05, 'none' -> None: a ratio in (0, 1], or none."""
+    if text.strip().lower() == 'none': return None
+    return number(float, lambda v: 0 < v <= 1, "a ratio in (0, 1] or 'none'")(text)
 
 
 def device(text: str):

@@ -22,7 +22,8 @@ import torch
 
 from .. import checkpoints, datasets, runs, validators
 from .. import train as training
-from .args import device, learning_rate, parse_count, positive_int, nonneg_int, probability, resolution
+from .args import (channel_mult, device, learning_rate, nonneg_int, parse_count, positive_float, positive_int,
+                   probability, ratio_or_none, resolution)
 from .sample import build_net, generate, save_grid
 
 __all__ = ['CONFIG_FIELDS', 'cmd_train', 'add_train_parser']
@@ -32,31 +33,55 @@ CONFIG_FIELDS = {f.name: (sum((_TYPES.get(t.strip(), (object,)) for t in f.type.
                  for f in fields(training.TrainConfig)}  # a resumed checkpoint's config, typed as TrainConfig
 
 
-def _model_record(args, data, label_dim: int) -> dict:
-    """What `build_net` needs to rebuild the network: the preset and the overrides the data set implies."""
+_UNSET = object()  # a flag not given (its value may be None: --ema-rampup none)
+
+
+def _ladder(args, pixels: int | None = None) -> dict | None:
+    """The settings of --config (Table 2, chapter 9) for this run's length, or None."""
+    if args.config is None: return None
+    base = args.base or 'vp'
+    batch = args.batch or training.ladder_settings(args.config, base)['train']['batch_size']
+    total = args.steps * batch if args.steps is not None else args.duration or training.PAPER_NIMG
+    return training.ladder_settings(args.config, base, total, pixels)
+
+
+def _model_record(args, data, label_dim: int, ladder: dict | None, augment: float) -> dict:
+    """What `build_net` needs to rebuild the network: the preset and the overrides the data set (and --config)
+    implies; flags given override --config."""
     from ..augment import AugmentPipe
-    augment_dim = AugmentPipe(p=args.augment).label_dim if args.augment else 0  # 9 with the paper's settings
+    from ..networks import PRESETS
+    augment_dim = AugmentPipe(p=augment).label_dim if augment else 0  # 9 with the paper's settings
     overrides = dict(img_resolution=data.images.shape[-1], in_channels=data.images.shape[1],
                      out_channels=data.images.shape[1], label_dim=label_dim, augment_dim=augment_dim)
+    if ladder is not None:
+        overrides.update(ladder['arch'], dropout=ladder['dropout'])
+        if ladder['redistribute']:
+            mult = PRESETS[args.preset].get('channel_mult', (1, 2, 2, 2))  # SongUNet's default
+            overrides['channel_mult'] = training.redistribute_capacity(mult)
+    if args.channel_mult is not None: overrides['channel_mult'] = args.channel_mult
     if args.dropout is not None: overrides['dropout'] = args.dropout
     if args.label_dropout is not None:
         if not label_dim: raise ValueError(f'--label-dropout {args.label_dropout} needs --cond (class labels to drop)')
         overrides['label_dropout'] = args.label_dropout
     if args.channels is not None: overrides['model_channels'] = args.channels
     model = dict(preset=args.preset, overrides=overrides)
-    if args.precond not in (None, 'edm'): model['precond'] = args.precond  # Table 1 column (chapter 5); default EDM
+    precond = args.precond or (ladder['precond'] if ladder else None)
+    if precond not in (None, 'edm'): model['precond'] = precond  # Table 1 column (chapter 5); default EDM
     return model
 
 
-def _train_config(args, saved: dict) -> training.TrainConfig:
-    """TrainConfig from the flags given, else the resumed checkpoint's values, else the paper's defaults."""
+def _train_config(args, saved: dict, ladder: dict | None = None) -> training.TrainConfig:
+    """TrainConfig from the flags given, else the resumed checkpoint's values (or --config's), else the paper's
+    defaults."""
     given = dict(batch_size=args.batch, batch_gpu=args.batch_gpu, lr=args.lr, lr_rampup_nimg=args.lr_rampup,
                  ema_halflife_nimg=args.ema, seed=args.seed, precision=args.precision, log_every=args.log_every,
                  checkpoint_every=args.checkpoint_every, grid_every=args.grid_every, keep=args.keep)
-    given.update(compile=args.compile, channels_last=args.channels_last)
+    given.update(compile=args.compile, channels_last=args.channels_last, grad_clip=args.grad_clip, xflip=args.xflip)
     validators.check_fields(saved, CONFIG_FIELDS, f'checkpoint {args.resume}: config')
     values = {f.name: saved[f.name] for f in fields(training.TrainConfig) if f.name in saved}
+    if ladder is not None: values.update(ladder['train'])
     values.update({k: v for k, v in given.items() if v is not None})
+    if args.ema_rampup is not _UNSET: values['ema_rampup_ratio'] = args.ema_rampup
     batch = values.get('batch_size', training.TrainConfig.batch_size)
     if args.steps is not None: values['total_nimg'] = args.steps * batch
     elif args.duration is not None: values['total_nimg'] = args.duration
@@ -94,7 +119,7 @@ def _check_total(args, config, saved: dict) -> None:
                      f'would not train; give more --steps (or --duration) than the checkpoint has')
 
 
-def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict | None) -> None:
+def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict | None, ladder: dict | None) -> None:
     """cmd_train once the run folder's lock is held: claim the folder (again: no other run can now write into it),
     load, train."""
     runs.claim_run_dir(outdir, resume)
@@ -103,7 +128,10 @@ def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict
     if resume: _check_same_data(d, data, fingerprint, args.allow_data_change)
     label_dim = datasets.NUM_CLASSES[d['dataset']] if d['cond'] else 0
     if d['cond'] and not label_dim: raise ValueError(f"--cond needs class labels; dataset {d['dataset']!r} has none")
-    model = saved.get('model') or _model_record(args, data, label_dim)
+    if ladder is not None:  # now that the image size is known: config A's loss normalization (per pixel for VP)
+        ladder = _ladder(args, data.images[0].numel())
+        config = _train_config(args, {}, ladder)
+    model = saved.get('model') or _model_record(args, data, label_dim, ladder, d['augment'])
     torch.manual_seed(training.derive_seed(config.seed, training.STREAM_INIT))  # the initial weights
     net = build_net(model)
     augment_pipe = None
@@ -111,13 +139,15 @@ def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict
         from ..augment import AugmentPipe
         augment_pipe = AugmentPipe(p=d['augment'])
     from ..loss import EDMLoss, VELoss, VPLoss
-    loss = saved.get('loss') or args.loss or 'edm'  # Table 1 training column (chapter 6)
+    loss = saved.get('loss') or args.loss or (ladder and ladder['loss']) or 'edm'  # Table 1 column (chapter 6)
 
     def grid_fn(ema, path):  # 8 x 8 images on a GPU, 4 x 4 on a CPU (35 NFE each)
         n = 64 if next(ema.parameters()).is_cuda else 16
         labels = torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else None
         save_grid(generate(ema, list(range(n)), class_labels=labels), path)
     meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data), fingerprint=fingerprint), loss=loss)
+    if saved.get('ladder') or ladder:  # Table 2's config, its base and the factor its durations were scaled by
+        meta['ladder'] = saved.get('ladder') or dict(config=args.config, base=args.base or 'vp', scale=ladder['scale'])
     callback = None
     if phema is not None:  # post-hoc EMA (chapter 14): power-function averages and their snapshots
         from .phema import PhemaTracker
@@ -140,7 +170,8 @@ def cmd_train(args) -> int:
     if args.resume:
         fixed = [f'--{k.replace("_", "-")}' for k in ('dataset', 'data', 'resolution', 'transform', 'preset', 'cond',
                                                       'augment', 'dropout', 'label_dropout', 'channels', 'phema',
-                                                      'phema_every', 'precond', 'loss')
+                                                      'phema_every', 'precond', 'loss', 'config', 'base',
+                                                      'channel_mult')
                  if getattr(args, k) is not None]
         if fixed: raise ValueError(f'{", ".join(fixed)} cannot change when resuming: the checkpoint fixes them')
         resume = checkpoints.find_latest(args.resume)
@@ -150,22 +181,26 @@ def cmd_train(args) -> int:
         outdir = Path(args.outdir or resume.parent)
     else:
         if args.allow_data_change: raise ValueError('--allow-data-change applies only with --resume')
+        if args.base is not None and args.config is None:
+            raise ValueError(f'--base {args.base} applies only with --config A..F (Table 2)')
         if args.outdir is None or args.dataset is None or args.preset is None:
             raise ValueError('a new run needs --dataset, --preset and --outdir (or --resume a checkpoint)')
         outdir = Path(args.outdir)
     runs.claim_run_dir(outdir, resume)  # before anything is loaded or written: the folder must be this run's
+    ladder = None if resume else _ladder(args)
+    augment = args.augment if args.augment is not None else (ladder['augment'] if ladder else 0.0)
     d = saved.get('data') or dict(dataset=args.dataset, path=args.data and str(Path(args.data).resolve()),
                                   resolution=args.resolution, transform=args.transform, cond=bool(args.cond),
-                                  augment=args.augment or 0.0)
+                                  augment=augment)
     _check_outdir(outdir, d)
-    config = _train_config(args, saved.get('config', {}))
+    config = _train_config(args, saved.get('config', {}), ladder)
     _check_total(args, config, saved)
     from .phema import check_phema_flags
     phema = saved.get('phema') if resume else check_phema_flags(args.phema, args.phema_every, config.checkpoint_every)
     # one run at a time in a folder (rank 0 holds the lock; under torchrun the other ranks write nothing there)
     lock = runs.run_lock(outdir) if int(os.environ.get('RANK', '0')) == 0 else contextlib.nullcontext()
     with lock:
-        _train(args, saved, resume, outdir, config, d, phema)
+        _train(args, saved, resume, outdir, config, d, phema, ladder)
     return 0
 
 
@@ -190,6 +225,12 @@ def add_train_parser(sub, presets):
     a('--precond', choices=('edm', 'vp', 've'), help='preconditioning, a Table 1 column (chapter 5; default edm)')
     a('--loss', choices=('edm', 'vp', 've'), help='p_train and lambda(sigma), a Table 1 column (chapter 6; default '
                                                   'edm)')
+    a('--config', choices=training.LADDER, help="Table 2's config (chapter 9): A = Song et al.'s baseline ... F = EDM; "
+      'sets the loop, network, preconditioning, loss and augmentation of that rung, its durations scaled to the run '
+      '(flags given override it)')
+    a('--base', choices=('vp', 've'), help='with --config: the VP (DDPM++) or VE (NCSN++) column (default vp)')
+    a('--channel-mult', type=channel_mult, metavar='M,M,..', help="channels per resolution level relative to "
+      "--channels, e.g. 1,2,2 (default: the preset's; config C removes its lowest level)")
     a('--batch', type=positive_int, help='total batch size (default 512)')
     a('--batch-gpu', type=positive_int, help='limit per process and accumulation round')
     d = p.add_mutually_exclusive_group()
@@ -198,6 +239,12 @@ def add_train_parser(sub, presets):
     a('--lr', type=learning_rate, help='Adam learning rate, at most 1 (default 10e-4)')
     a('--lr-rampup', type=parse_count, metavar='NIMG', help='learning-rate ramp-up in images (default 10M; 0: none)')
     a('--ema', type=parse_count, metavar='NIMG', help='EMA half-life in images (default 0.5M)')
+    a('--ema-rampup', type=ratio_or_none, default=_UNSET, metavar='RATIO',
+      help="the EMA half-life is at most RATIO x the images seen (default 0.05, the official loop's; none: off)")
+    a('--grad-clip', type=positive_float, metavar='NORM', help="clip the gradient's L2 norm (Song et al.: 1; "
+                                                                'default: none, as EDM)')
+    a('--xflip', action=argparse.BooleanOptionalAction, help='mirror each training image with probability 1/2 '
+                                                             '(dataset x-flips; default off)')
     a('--seed', type=nonneg_int, help='random seed (default 0)')
     a('--outdir', help='run directory (default with --resume: the checkpoint\'s)')
     a('--resume', metavar='CHECKPOINT', help='a checkpoint file or a run directory (its latest checkpoint)')
