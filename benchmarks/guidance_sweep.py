@@ -181,7 +181,9 @@ def main(argv=None) -> int:
                 f'{args.n_per_class}, {args.batch}, {args.seed_start}, {args.steps}')
     bad = [w for w in args.weights if not (math.isfinite(w) and w >= 0)]
     if bad: p.error(f'--weights must be finite numbers >= 0; got {bad}')
-    return run(args)
+    from edm_lit.checkpoints import CheckpointError
+    try: return run(args)
+    except CheckpointError as e: raise SystemExit(f'{Path(__file__).name}: {e}') from None  # a message, not a traceback
 
 
 if __name__ == '__main__':

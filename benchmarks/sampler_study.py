@@ -180,7 +180,9 @@ def main(argv=None) -> int:
     if args.checkpoint is None: p.error('a checkpoint is needed (or --plot)')
     if args.n < 2 or args.batch < 1 or args.seed_start < 0:
         p.error(f'--n must be >= 2, --batch >= 1, --seed-start >= 0; got {args.n}, {args.batch}, {args.seed_start}')
-    return run(args)
+    from edm_lit.checkpoints import CheckpointError
+    try: return run(args)
+    except CheckpointError as e: raise SystemExit(f'{Path(__file__).name}: {e}') from None  # a message, not a traceback
 
 
 if __name__ == '__main__':

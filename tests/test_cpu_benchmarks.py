@@ -123,3 +123,13 @@ def test_guidance_sweep_scores_each_setting_and_keeps_the_identities(tmp_path):
         assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     proc = _script('guidance_sweep.py', '--out', out, '--plot', tmp_path / 'sweep.png')
     assert proc.returncode == 0 and (tmp_path / 'sweep.png').stat().st_size > 10_000, proc.stderr
+
+
+@pytest.mark.parametrize('argv', [('sampler_study.py', 'MISSING', '--n', 4), ('guidance_sweep.py', 'MISSING'),
+                                  ('guidance_sweep.py', 'model', '--guide', 'MISSING')])
+def test_a_missing_checkpoint_is_a_message_naming_it(tmp_path, argv):
+    _tiny_model(tmp_path / 'model', label_dropout=0.1)
+    name, *args = [str(tmp_path / a) if a in ('MISSING', 'model') else a for a in argv]
+    proc = _script(name, *args, '--out', tmp_path / 'out.json')
+    assert proc.returncode == 1 and f'checkpoint not found: {tmp_path / "MISSING"}' in proc.stderr, proc.stderr
+    assert 'Traceback' not in proc.stderr and not (tmp_path / 'out.json').exists()
