@@ -8,7 +8,8 @@ import numbers
 
 import torch
 
-from .precond import Precond, check_positive, eps_coefficients, nearest_index, per_sample, round_to_grid
+from .precond import Precond, eps_coefficients, nearest_index, per_sample, round_to_grid
+from .validators import check_positive
 
 # %% auto #0
 __all__ = ['DDPM_SCHEDULES', 'check_steps', 'linear_betas', 'cosine_alpha_bar', 'cosine_betas', 'ddpm_betas', 'alpha_bar',

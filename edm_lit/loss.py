@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .precond import as_sigma, batch_shape, check_positive
+from .precond import as_sigma, batch_shape
+from .validators import check_positive
 from .schedules import vp_sigma
 
 # %% auto #0

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from .schedules import iddpm_u, vp_sigma, vp_sigma_inv
-from .validators import class_label_rows
+from .validators import check_positive, class_label_rows
 
 # %% auto #0
-__all__ = ['batch_shape', 'per_sample', 'check_positive', 'as_sigma', 'effective_target', 'Precond', 'edm_coefficients',
-           'EDMPrecond', 'eps_coefficients', 'vp_coefficients', 've_coefficients', 'nearest_index', 'round_to_grid',
+__all__ = ['batch_shape', 'per_sample', 'as_sigma', 'effective_target', 'Precond', 'edm_coefficients', 'EDMPrecond',
+           'eps_coefficients', 'vp_coefficients', 've_coefficients', 'nearest_index', 'round_to_grid',
            'iddpm_coefficients', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond']
 
 # %% ../notebooks/05_preconditioning.ipynb #86d0ed26
@@ -35,17 +35,6 @@ def per_sample(value, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f'got {value.numel()} values (sigma or another per-sample scalar) for a batch of '
                          f'{x.shape[0]} samples; expected 1 or {x.shape[0]}')
     return value.expand(x.shape[0]).reshape(batch_shape(x))
-
-
-def check_positive(name: str, value) -> float:
-    """`value` as a float, after checking that it is a number > 0 (σ_data, P_std, β_d, ...).
-
-    The constants of Table 1 are all positive.
-    Derived in chapter 5.
-    """
-    value = float(value)
-    if not value > 0: raise ValueError(f'{name} must be > 0, got {value}')
-    return value
 
 
 def as_sigma(sigma) -> torch.Tensor:

@@ -11,6 +11,7 @@ import math
 import torch
 
 from .schedules import EDM, default_sigma_range, make_schedule, ode_derivative, sigma_steps, vp_betas
+from .validators import check_choice
 
 SOLVERS = ('euler', 'heun')
 
@@ -142,12 +143,6 @@ def heun_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     return integrate(denoiser_derivative(net, class_labels), x_next, t_steps)  # Alg. 1, lines 3-9
 
 # %% ../notebooks/03_deterministic.ipynb #b5879c4e
-def _check_choice(name, value, choices):
-    """Raise a ValueError naming the unknown value of `name` and the valid choices."""
-    if value not in choices:
-        raise ValueError(f'unknown {name} {value!r}; expected one of {tuple(choices)}')
-
-
 def _discretization_kwargs(discretization, rho, epsilon_s, C_1, C_2, M):
     """The parameters each sigma grid of Table 1 takes (the rest of the ablation sampler's keywords)."""
     return {'vp': dict(epsilon_s=epsilon_s), 've': {}, 'iddpm': dict(C_1=C_1, C_2=C_2, M=M),
@@ -174,7 +169,7 @@ def ablation_time_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7
 
 def _check_solver(solver, alpha):
     """Raise a ValueError naming a solver other than euler / heun, or an alpha outside (0, 1]."""
-    _check_choice('solver', solver, SOLVERS)
+    check_choice('solver', solver, SOLVERS)
     if not 0 < alpha <= 1: raise ValueError(f'alpha must lie in (0, 1], got {alpha}')
 
 

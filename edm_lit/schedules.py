@@ -15,20 +15,13 @@ from typing import Callable
 
 import torch
 
+from .validators import check_choice, check_nonnegative
+
 # %% ../notebooks/02_ode.ipynb #0570636b
 def _as_float(t):
     """Python numbers and integer tensors become float64 tensors; floating tensors pass through unchanged."""
     if not torch.is_tensor(t): return torch.tensor(t, dtype=torch.float64)
     return t if t.is_floating_point() else t.to(torch.float64)
-
-def _check_nonnegative(name, value):
-    """Raise a ValueError naming `name` when the tensor `value` has a negative (or NaN) entry."""
-    if not bool((value >= 0).all()):
-        raise ValueError(f'{name} must be >= 0, got a minimum of {float(value.min()):.6g}')
-
-def _check_choice(what, value, choices):
-    """Raise a ValueError naming the unknown `value` of `what` and the valid `choices`."""
-    if value not in choices: raise ValueError(f'unknown {what} {value!r}; expected one of {tuple(choices)}')
 
 # %% ../notebooks/02_ode.ipynb #88fffcb7
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
@@ -36,7 +29,7 @@ def vp_sigma(t, beta_d=19.9, beta_min=0.1):
 
     Table 1, VP column, row "schedule σ(t)".
     Derived in chapter 2."""
-    t = _as_float(t); _check_nonnegative('t', t)
+    t = _as_float(t); check_nonnegative('t', t)
     return torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t).sqrt()  # Table 1, VP
 
 def vp_sigma_deriv(t, beta_d=19.9, beta_min=0.1):
@@ -52,7 +45,7 @@ def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
 
     Table 1, VP column: the positive root of ½ β_d t² + β_min t = log(1 + σ²).
     Derived in chapter 2."""
-    sigma = _as_float(sigma); _check_nonnegative('sigma', sigma)
+    sigma = _as_float(sigma); check_nonnegative('sigma', sigma)
     L = torch.log1p(sigma ** 2)
     root = (beta_min ** 2 + 2 * beta_d * L).sqrt()
     if beta_min > 0: return 2 * L / (root + beta_min)  # the same root, rationalized: no cancellation at small σ
@@ -64,7 +57,7 @@ def ve_sigma(t):
 
     Table 1, VE column, row "schedule σ(t)".
     Derived in chapter 2."""
-    t = _as_float(t); _check_nonnegative('t', t)
+    t = _as_float(t); check_nonnegative('t', t)
     return t.sqrt()
 
 def ve_sigma_deriv(t):
@@ -79,7 +72,7 @@ def ve_sigma_inv(sigma):
 
     Table 1, VE column.
     Derived in chapter 2."""
-    sigma = _as_float(sigma); _check_nonnegative('sigma', sigma)
+    sigma = _as_float(sigma); check_nonnegative('sigma', sigma)
     return sigma ** 2
 
 def linear_sigma(t):
@@ -87,7 +80,7 @@ def linear_sigma(t):
 
     Table 1, EDM (and iDDPM) column, row "schedule σ(t)".
     Derived in chapter 2."""
-    t = _as_float(t); _check_nonnegative('t', t)
+    t = _as_float(t); check_nonnegative('t', t)
     return t
 
 def linear_sigma_deriv(t):
@@ -102,7 +95,7 @@ def linear_sigma_inv(sigma):
 
     Table 1, EDM column.
     Derived in chapter 2."""
-    sigma = _as_float(sigma); _check_nonnegative('sigma', sigma)
+    sigma = _as_float(sigma); check_nonnegative('sigma', sigma)
     return sigma
 
 # %% ../notebooks/02_ode.ipynb #53ea9ad1
@@ -144,7 +137,7 @@ def make_schedule(schedule='linear', scaling='none', beta_d=19.9, beta_min=0.1) 
 
     Table 1 (sampling rows); NVlabs/edm generate.py `ablation_sampler`; β_d, β_min only matter for schedule 'vp'.
     Derived in chapter 2."""
-    _check_choice('schedule', schedule, SCHEDULES); _check_choice('scaling', scaling, SCALINGS)
+    check_choice('schedule', schedule, SCHEDULES); check_choice('scaling', scaling, SCALINGS)
     if schedule == 'vp' and not (0 < beta_d < math.inf and math.isfinite(beta_min)):
         raise ValueError(f'VP needs 0 < beta_d < inf and a finite beta_min, '
                          f'got beta_d={beta_d!r}, beta_min={beta_min!r}')
@@ -282,7 +275,7 @@ def sigma_steps(discretization, num_steps, **kwargs):
 
     Table 1, row "time steps"; the keyword arguments are those of the chosen rule.
     Derived in chapter 2."""
-    _check_choice('discretization', discretization, DISCRETIZATIONS)
+    check_choice('discretization', discretization, DISCRETIZATIONS)
     return DISCRETIZATIONS[discretization](num_steps, **kwargs)
 
 def default_sigma_range(discretization, epsilon_s=1e-3):
@@ -290,7 +283,7 @@ def default_sigma_range(discretization, epsilon_s=1e-3):
 
     Official generate.py `ablation_sampler`: vp = (σ_VP(ε_s), σ_VP(1)) at β_d = 19.9, β_min = 0.1.
     Derived in chapter 2."""
-    _check_choice('discretization', discretization, DISCRETIZATIONS)
+    check_choice('discretization', discretization, DISCRETIZATIONS)
     if discretization != 'vp': return DEFAULT_SIGMA_RANGE[discretization]
     _check_epsilon_s(epsilon_s)
     return float(vp_sigma(epsilon_s)), float(vp_sigma(1.0))

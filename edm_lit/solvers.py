@@ -11,6 +11,7 @@ from functools import partial
 import torch
 
 from .samplers import edm_t_steps
+from .validators import check_int
 
 
 def to_d(x, sigma, D_x):
@@ -38,12 +39,6 @@ def _check_sigmas(sigmas, latents):
             raise ValueError(f'sigmas must be strictly decreasing, '
                              f'got sigma_{i - 1} = {sig[i - 1]!r} <= sigma_{i} = {s!r}')
     return sigmas, sig
-
-
-def _check_int(name, value, lo, hi):
-    """Raise a ValueError naming `name` unless value is an integer with lo <= value <= hi. Derived in chapter 11."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f'{name} must be an integer in [{lo}, {hi}], got {value!r}')
 
 
 def _denoise(net, x, sigma, class_labels):
@@ -102,7 +97,7 @@ def sample_ipndm(net, latents, sigmas, class_labels=None, max_order=4, variable_
     Derived in chapter 11.
     """
     sigmas, sig = _check_sigmas(sigmas, latents)
-    _check_int('max_order', max_order, 1, 4)
+    check_int('max_order', max_order, 1, 4)
     x = latents.to(torch.float64) * sigmas[0]  # Alg. 1, line 2
     d_hist, sigma_hist = [], []  # newest first
     for i in range(len(sig) - 1):
@@ -158,7 +153,7 @@ def sample_unipc(net, latents, sigmas, class_labels=None, order=2):
     Derived in chapter 11.
     """
     sigmas, sig = _check_sigmas(sigmas, latents)
-    _check_int('order', order, 1, 3)
+    check_int('order', order, 1, 3)
     x = latents.to(torch.float64) * sigmas[0]  # Alg. 1, line 2
     D_hist, lam_hist, corrector = [], [], None  # newest first
     for i in range(len(sig) - 1):

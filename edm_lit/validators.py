@@ -2,7 +2,8 @@
 
 Each check returns the value it accepts or raises `ValueError` naming the value and what was expected. Used by the
 command line (`edm_lit.cli`), the checkpoint loader (`edm_lit.checkpoints`: the schema of a checkpoint's JSON record),
-the image-folder reader (`edm_lit.datasets`) and the class labels of the preconditioning (chapter 5).
+the image-folder reader (`edm_lit.datasets`), the class labels of the preconditioning (chapter 5) and the argument
+checks the chapters' functions share (a choice among names, a positive constant, a non-negative σ, an integer order).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import re
 
 import torch
 
-__all__ = ['MAX_SEED', 'MAX_SEEDS', 'MAX_PIXELS', 'MAX_RESOLUTION', 'MAX_LR', 'check_seed_ranges', 'check_device',
+__all__ = ['MAX_SEED', 'MAX_SEEDS', 'MAX_PIXELS', 'MAX_RESOLUTION', 'MAX_LR', 'check_choice', 'check_positive',
+           'check_nonnegative', 'check_int', 'check_seed_ranges', 'check_device',
            'check_pixels', 'check_finite', 'nonfinite_rows', 'class_label_rows', 'check_fields', 'json_value',
            'RECORD_FIELDS', 'MODEL_FIELDS', 'OVERRIDE_FIELDS', 'DATA_FIELDS', 'TRAINING_FIELDS']
 
@@ -20,6 +22,32 @@ MAX_SEEDS = 1_000_000       # images per command (one per seed): more is a typo 
 MAX_PIXELS = 8192 * 8192    # per image file: more is a decompression bomb, not training data
 MAX_RESOLUTION = 4096       # of a model's images
 MAX_LR = 1.0                # Adam's learning rate (the paper's: 10e-4)
+
+
+def check_choice(what: str, value, choices) -> None:
+    """Raise naming the unknown `value` of `what` and the valid `choices` (a schedule, a solver, a discretization)."""
+    if value not in choices: raise ValueError(f'unknown {what} {value!r}; expected one of {tuple(choices)}')
+
+
+def check_positive(name: str, value) -> float:
+    """`value` as a float, after checking that it is a number > 0 (σ_data, P_std, β_d, ...: the constants of
+    Table 1 are all positive)."""
+    value = float(value)
+    if not value > 0: raise ValueError(f'{name} must be > 0, got {value}')
+    return value
+
+
+def check_nonnegative(name: str, value: torch.Tensor) -> None:
+    """Raise naming `name` when the tensor `value` has a negative (or NaN) entry (a time t, a noise level σ)."""
+    if not bool((value >= 0).all()):
+        raise ValueError(f'{name} must be >= 0, got a minimum of {float(value.min()):.6g}')
+
+
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    """`value` if it is an integer (not a bool) with lo <= value <= hi; else raise naming `name` (a solver order)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f'{name} must be an integer in [{lo}, {hi}], got {value!r}')
+    return value
 
 
 def check_seed_ranges(ranges: list[tuple[int, int]], text: str) -> list[tuple[int, int]]:
