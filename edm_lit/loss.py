@@ -10,8 +10,7 @@ from .validators import check_positive
 from .schedules import vp_sigma
 
 # %% auto #0
-__all__ = ['edm_loss_weight', 'eps_loss_weight', 'DenoisingLoss', 'VPLoss', 'VELoss', 'EDMLoss', 'ToyMLP', 'train_toy',
-           'denoising_error']
+__all__ = ['edm_loss_weight', 'eps_loss_weight', 'DenoisingLoss', 'VPLoss', 'VELoss', 'EDMLoss']
 
 # %% ../notebooks/06_objective.ipynb #37c1df4a
 def edm_loss_weight(sigma, sigma_data: float = 0.5):
@@ -111,55 +110,3 @@ class EDMLoss(DenoisingLoss):
     def weight(self, sigma):
         """λ(σ) of EDM."""
         return edm_loss_weight(sigma, self.sigma_data)
-
-# %% ../notebooks/06_objective.ipynb #df92f4a0
-class ToyMLP(torch.nn.Module):
-    """A small MLP F(x_in; c_noise) for d-dimensional data, with sine/cosine features of the noise label.
-
-    The inner network of the toy experiment (Eq. 7's F_θ); called like the U-Nets: `(x, noise_labels, class_labels,
-    augment_labels)`, labels other than the noise label ignored.
-    Derived in chapter 6.
-    """
-    def __init__(self, dim: int = 2, hidden: int = 64, num_layers: int = 3, num_freqs: int = 4):
-        super().__init__()
-        self.register_buffer('freqs', torch.pi * 2.0 ** torch.arange(num_freqs))
-        widths = [dim + 1 + 2 * num_freqs] + [hidden] * num_layers
-        layers = [m for a, b in zip(widths[:-1], widths[1:]) for m in (torch.nn.Linear(a, b), torch.nn.SiLU())]
-        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, dim))
-
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        """F(x_in; c_noise) for x_in (N, dim) and one noise label per sample (or one for all)."""
-        c = noise_labels.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
-        return self.net(torch.cat([x, c, (c * self.freqs).sin(), (c * self.freqs).cos()], dim=1))
-
-# %% ../notebooks/06_objective.ipynb #7d9fc5ce
-def train_toy(net, loss_fn, sample, optimizer, num_steps: int, batch_size: int = 512, generator=None) -> list:
-    """Minimise the loss Eq. 2 over batches `sample(batch_size, generator=generator)` with `optimizer`.
-
-    The minimal loop of the toy experiment: per step, loss summed over elements and averaged over the batch (as the
-    official training loop does). Returns the loss of every step.
-    Derived in chapter 6.
-    """
-    losses = []
-    for _ in range(num_steps):
-        images = sample(batch_size, generator=generator).to(torch.float32)
-        loss = loss_fn(net, images, generator=generator).sum() / batch_size  # Eq. 2, one minibatch
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-@torch.no_grad()
-def denoising_error(net, y, sigma, target=None, generator=None) -> torch.Tensor:
-    """E‖D(y + n; σ) − T‖² per sample (summed over coordinates), n ~ N(0, σ² I), T = y or `target(y + n, σ)`.
-
-    With T = y this is the unweighted loss of Eq. 2 at one σ; with the ideal denoiser as `target` it is the reducible
-    part of that loss (eq-loss-excess).
-    Derived in chapter 6.
-    """
-    sigma = as_sigma(sigma)
-    x = y + torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) * sigma
-    T = y if target is None else target(x, sigma)
-    return ((net(x, sigma).to(torch.float64) - T.to(torch.float64)) ** 2).flatten(1).sum(1).mean()

@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 
-from edm_lit.loss import (EDMLoss, ToyMLP, VELoss, VPLoss, denoising_error, edm_loss_weight, eps_loss_weight,
-                          train_toy)
+from edm_lit.loss import EDMLoss, VELoss, VPLoss, edm_loss_weight, eps_loss_weight
 from edm_lit.precond import EDMPrecond, edm_coefficients, effective_target, ve_coefficients, vp_coefficients
 from edm_lit.schedules import vp_sigma_inv
-from edm_lit.toy import GaussianMixture, ring_mixture
+from edm_lit.toy import GaussianMixture, ToyMLP, denoising_error, ring_mixture, train_toy
 
 F64 = torch.float64
 
