@@ -9,16 +9,31 @@ from dataclasses import dataclass, fields
 
 import torch
 
-SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
-        0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
-        0.0017677118642428036, -0.007800708325034148)  # Daubechies' symlet-6 low-pass filter (PyWavelets 'sym6')
+SYM6 = (
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    # Daubechies' symlet-6 low-pass filter (PyWavelets 'sym6')
+    0.0017677118642428036,
+    -0.007800708325034148)
 
 
 def _matrix(rows):
-    """Stack 3 x 3 nested rows of numbers and (equal-shaped) tensors into matrices of shape (*batch, 3, 3).
+    """Stack 3 x 3 nested rows of numbers and (equal-shaped) tensors into matrices of shape (*batch,
+    3, 3).
     Eq. aug-matrices; the official `matrix`. Derived in chapter 8."""
     ref = next(e for row in rows for e in row if torch.is_tensor(e))
-    elems = [torch.as_tensor(e, dtype=ref.dtype, device=ref.device).expand(ref.shape) for row in rows for e in row]
+    elems = [
+        torch.as_tensor(e, dtype=ref.dtype, device=ref.device).expand(ref.shape) for row in rows
+        for e in row
+    ]
     return torch.stack(elems, dim=-1).reshape(*ref.shape, 3, 3)
 
 
@@ -35,74 +50,101 @@ def scale2d(sx, sy):
 
 
 def rotate2d(theta):
-    """Homogeneous 2-D rotations by the angles `theta` (a tensor), [[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]].
+    """Homogeneous 2-D rotations by the angles `theta` (a tensor), [[cos, -sin, 0], [sin, cos, 0],
+    [0, 0, 1]].
     Eq. aug-matrices (R). Derived in chapter 8."""
     return _matrix([[theta.cos(), -theta.sin(), 0], [theta.sin(), theta.cos(), 0], [0, 0, 1]])
 
 # %% ../notebooks/08_augmentation.ipynb #d9debc55
 def _reflect(i, size):
-    """Indices reflected into [0, size) without repeating the edge: -1 -> 1, size -> size - 2. Derived in chapter 8."""
+    """Indices reflected into [0, size) without repeating the edge: -1 -> 1, size -> size - 2.
+    Derived in chapter 8."""
     return size - 1 - (size - 1 - i % (2 * size - 2)).abs()
 
 
 def translate_int(images, tx, ty):
-    """Shift images (N, C, H, W) by integer pixels with reflect padding: out[y, x] = in[y + ty, x - tx] (reflected).
+    """Shift images (N, C, H, W) by integer pixels with reflect padding: out[y, x] = in[y + ty, x -
+    tx] (reflected).
     Eq. aug-translate-int; the official AugmentPipe's `translate_int` blit. Derived in chapter 8."""
     N, C, H, W = images.shape
-    if H < 2 or W < 2: raise ValueError(f'integer translation needs images of at least 2 x 2 pixels, got {H} x {W}')
-    x = _reflect(torch.arange(W, device=images.device) - torch.as_tensor(tx).reshape(-1, 1, 1, 1), W)
-    y = _reflect(torch.arange(H, device=images.device).reshape(H, 1) + torch.as_tensor(ty).reshape(-1, 1, 1, 1), H)
+    if H < 2 or W < 2:
+        raise ValueError(
+            f'integer translation needs images of at least 2 x 2 pixels, got {H} x {W}')
+    x = _reflect(
+        torch.arange(W, device=images.device) - torch.as_tensor(tx).reshape(-1, 1, 1, 1), W)
+    y = _reflect(
+        torch.arange(H, device=images.device).reshape(H, 1) +
+        torch.as_tensor(ty).reshape(-1, 1, 1, 1), H)
     images = images.gather(3, x.expand(N, C, H, W))
     return images.gather(2, y.expand(N, C, H, W))
 
 
 def _zero_stuff(x, dim):
-    """Insert a zero after every sample along `dim` (2 or 3), dropping the last: n -> 2n - 1 samples.
+    """Insert a zero after every sample along `dim` (2 or 3), dropping the last: n -> 2n - 1
+    samples.
     Eq. aug-sym6 (upsampling). Derived in chapter 8."""
     x = torch.stack([x, torch.zeros_like(x)], dim=dim + 1).flatten(dim, dim + 1)
     return x.narrow(dim, 0, x.shape[dim] - 1)
 
 
 def _filter(x, f, dim, stride=1, padding=0):
-    """Depthwise 1-D correlation with `f` along dim 2 (y) or 3 (x). Eq. aug-sym6. Derived in chapter 8."""
+    """Depthwise 1-D correlation with `f` along dim 2 (y) or 3 (x). Eq. aug-sym6. Derived in chapter
+    8."""
     w = f.reshape(1, 1, 1, -1) if dim == 3 else f.reshape(1, 1, -1, 1)
     stride, padding = ((1, stride), (0, padding)) if dim == 3 else ((stride, 1), (padding, 0))
-    return torch.nn.functional.conv2d(x, w.tile([x.shape[1], 1, 1, 1]), stride=stride, padding=padding,
-                                      groups=x.shape[1])
+    return torch.nn.functional.conv2d(x, w.tile([x.shape[1], 1, 1, 1]), stride=stride,
+                                      padding=padding, groups=x.shape[1])
 
 
 def transform_images(images, G_inv):
-    """Warp images (N, C, H, W): out(p) = in(G_inv p), G_inv (N, 3, 3) on pixel coordinates centred on the image.
-    Eq. aug-warp; the official AugmentPipe's geometric execution: reflect padding, 2x sym6 upsampling, bilinear
-    sampling, sym6 downsampling (Eq. aug-sym6). Derived in chapter 8."""
+    """Warp images (N, C, H, W): out(p) = in(G_inv p), G_inv (N, 3, 3) on pixel coordinates centred
+    on the image.
+    Eq. aug-warp; the official AugmentPipe's geometric execution: reflect padding, 2x sym6
+    upsampling, bilinear sampling, sym6 downsampling (Eq. aug-sym6). Derived in chapter 8."""
     N, C, H, W = images.shape
     f = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
     c = lambda *v: torch.tensor(v, dtype=torch.float32, device=images.device)
     G_inv, pad, cx, cy = G_inv.to(torch.float32), len(SYM6) // 4, (W - 1) / 2, (H - 1) / 2
-    corners = G_inv @ c([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]).t()  # where the output corners read
+    # where the output corners read
+    corners = G_inv @ c([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]).t()
     reach = corners[:, :2, :].permute(1, 0, 2).flatten(1)
-    margin = torch.cat([-reach, reach]).amax(dim=1) + c(2 * pad - cx, 2 * pad - cy, 2 * pad - cx, 2 * pad - cy)
-    mx0, my0, mx1, my1 = margin.clamp(min=0).minimum(c(W - 1, H - 1, W - 1, H - 1)).ceil().int().tolist()
-    images = torch.nn.functional.pad(images, [mx0, mx1, my0, my1], mode='reflect')  # reflect the content outward
+    margin = torch.cat([-reach, reach]).amax(dim=1) + c(2 * pad - cx, 2 * pad - cy, 2 * pad - cx,
+                                                        2 * pad - cy)
+    mx0, my0, mx1, my1 = margin.clamp(min=0).minimum(c(W - 1, H - 1, W - 1,
+                                                       H - 1)).ceil().int().tolist()
+    # reflect the content outward
+    images = torch.nn.functional.pad(images, [mx0, mx1, my0, my1], mode='reflect')
     G_inv = translate2d(c((mx0 - mx1) / 2), c((my0 - my1) / 2)) @ G_inv
     for dim in (3, 2):  # 2x upsampling: zero-stuff, then low-pass with the (reversed) sym6 filter
         images = _filter(_zero_stuff(images, dim), f.flip(0), dim, padding=(len(SYM6) + 1) // 2)
-    to_fine = translate2d(c(-0.5), c(-0.5)) @ scale2d(c(2), c(2))  # coarse -> upsampled pixel coordinates
+    # coarse -> upsampled pixel coordinates
+    to_fine = translate2d(c(-0.5), c(-0.5)) @ scale2d(c(2), c(2))
     G_inv = to_fine @ G_inv @ scale2d(c(0.5), c(0.5)) @ translate2d(c(0.5), c(0.5))
     shape = [N, C, (H + 2 * pad) * 2, (W + 2 * pad) * 2]
-    G_inv = scale2d(c(2 / images.shape[3]), c(2 / images.shape[2])) @ G_inv @ scale2d(c(shape[3] / 2), c(shape[2] / 2))
-    grid = torch.nn.functional.affine_grid(G_inv[:, :2, :].to(images.dtype), shape, align_corners=False)
-    images = torch.nn.functional.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    for dim in (3, 2):  # 2x downsampling: low-pass with sym6, keep every other sample, crop the padding
+    G_inv = scale2d(c(2 / images.shape[3]), c(2 / images.shape[2])) @ G_inv @ scale2d(
+        c(shape[3] / 2), c(shape[2] / 2))
+    grid = torch.nn.functional.affine_grid(G_inv[:, :2, :].to(images.dtype), shape,
+                                           align_corners=False)
+    images = torch.nn.functional.grid_sample(images, grid, mode='bilinear', padding_mode='zeros',
+                                             align_corners=False)
+    # 2x downsampling: low-pass with sym6, keep every other sample, crop the padding
+    for dim in (3, 2):
         images = _filter(images, f, dim, stride=2, padding=(len(SYM6) - 1) // 2)
         images = images.narrow(dim, pad, images.shape[dim] - 2 * pad)
     return images
 
 # %% ../notebooks/08_augmentation.ipynb #c8bde478
-LABELS = {'xflip': ('xflip',), 'yflip': ('yflip',), 'rotate_int': ('rotate_int_x', 'rotate_int_y'),
-          'translate_int': ('translate_int_x', 'translate_int_y'), 'scale': ('scale',),
-          'rotate_frac': ('rotate_frac_cos', 'rotate_frac_sin'), 'aniso': ('aniso_cos', 'aniso_sin'),
-          'translate_frac': ('translate_frac_x', 'translate_frac_y')}  # the official label layout, in order
+LABELS = {
+    'xflip': ('xflip', ),
+    'yflip': ('yflip', ),
+    'rotate_int': ('rotate_int_x', 'rotate_int_y'),
+    'translate_int': ('translate_int_x', 'translate_int_y'),
+    'scale': ('scale', ),
+    'rotate_frac': ('rotate_frac_cos', 'rotate_frac_sin'),
+    'aniso': ('aniso_cos', 'aniso_sin'),
+    # the official label layout, in order
+    'translate_frac': ('translate_frac_x', 'translate_frac_y')
+}
 
 
 class _Draws:
@@ -114,20 +156,24 @@ class _Draws:
 
     def randn(self, *shape): return torch.randn(shape, device=self.device, generator=self.generator)
 
-    def randint(self, high, *shape): return torch.randint(high, shape, device=self.device, generator=self.generator)
+    def randint(self, high, *shape):
+        return torch.randint(high, shape, device=self.device, generator=self.generator)
 
     def gate(self, w, prob, *shape):
-        """w where a fresh uniform draw of `shape` is < prob, else 0: the op is applied with probability prob."""
+        """w where a fresh uniform draw of `shape` is < prob, else 0: the op is applied with
+        probability prob."""
         return torch.where(self.rand(*shape) < prob, w, torch.zeros_like(w))
 
 
 @dataclass(frozen=True)
 class AugmentPipe:
     """The geometric non-leaky augmentation pipeline: images -> (augmented images, augment_labels).
-    Paper Sec. 5 'Augmentation regularization' (after Karras et al. 2020); the official `AugmentPipe`, geometric ops,
-    with EDM's CIFAR-10 settings as defaults (train.py --augment=0.12: 9 labels). Derived in chapter 8."""
+    Paper Sec. 5 'Augmentation regularization' (after Karras et al. 2020); the official
+    `AugmentPipe`, geometric ops, with EDM's CIFAR-10 settings as defaults (train.py --augment=0.12:
+    9 labels). Derived in chapter 8."""
     p: float = 0.12                   # overall probability multiplier (train.py --augment)
-    xflip: float = 1e8                # per-op multipliers; op applied with probability min(1, multiplier * p)
+    # per-op multipliers; op applied with probability min(1, multiplier * p)
+    xflip: float = 1e8
     yflip: float = 1
     rotate_int: float = 0
     translate_int: float = 0
@@ -149,34 +195,42 @@ class AugmentPipe:
             value = getattr(self, field.name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f'{field.name} must be a finite number >= 0, got {value!r}')
-        if self.aniso_rotate_prob > 1: raise ValueError(f'aniso_rotate_prob must be <= 1, got {self.aniso_rotate_prob}')
+        if self.aniso_rotate_prob > 1:
+            raise ValueError(f'aniso_rotate_prob must be <= 1, got {self.aniso_rotate_prob}')
 
     @property
     def label_names(self):
-        """Names of the augment_labels columns: two per enabled rotation / translation / anisotropy, one otherwise."""
+        """Names of the augment_labels columns: two per enabled rotation / translation / anisotropy,
+        one otherwise."""
         return [name for op, names in LABELS.items() if getattr(self, op) > 0 for name in names]
 
     @property
     def label_dim(self):
-        """Length of augment_labels: the `augment_dim` a network needs for this pipe (9 for EDM's setting)."""
+        """Length of augment_labels: the `augment_dim` a network needs for this pipe (9 for EDM's
+        setting)."""
         return len(self.label_names)
 
     def __call__(self, images, generator=None):
-        """Augment images (N, C, H, W); returns (images, float32 labels (N, label_dim)), zero rows = untouched."""
-        if images.ndim != 4: raise ValueError(f'images must have shape (N, C, H, W), got {tuple(images.shape)}')
+        """Augment images (N, C, H, W); returns (images, float32 labels (N, label_dim)), zero rows =
+        untouched."""
+        if images.ndim != 4:
+            raise ValueError(f'images must have shape (N, C, H, W), got {tuple(images.shape)}')
         N, C, H, W = images.shape
         draw, labels = _Draws(images.device, generator), []
         images = self._blit(images, draw, labels)
         num_blit = len(labels)
         G_inv = self._geometric(draw, labels, N, H, W)
-        labels = torch.cat([x.to(torch.float32).reshape(N, -1) for x in [images.new_zeros(N, 0), *labels]], dim=1)
-        moved = labels[:, num_blit:].ne(0).any(dim=1)  # Eq. aug-labels: zero labels <=> identity transform
+        labels = torch.cat(
+            [x.to(torch.float32).reshape(N, -1) for x in [images.new_zeros(N, 0), *labels]], dim=1)
+        # Eq. aug-labels: zero labels <=> identity transform
+        moved = labels[:, num_blit:].ne(0).any(dim=1)
         if moved.any():
             images = torch.where(moved.reshape(N, 1, 1, 1), transform_images(images, G_inv), images)
         return images, labels
 
     def _blit(self, images, draw, labels):
-        """Pixel blitting, exact: x/y-flips, 90-degree rotations, integer translations (Eq. aug-blit)."""
+        """Pixel blitting, exact: x/y-flips, 90-degree rotations, integer translations (Eq.
+        aug-blit)."""
         N, C, H, W = images.shape
         for mult, dim in ((self.xflip, 3), (self.yflip, 2)):
             if mult > 0:  # flip with probability 1/2 when the op is applied
@@ -190,8 +244,10 @@ class AugmentPipe:
             images = torch.where((w == 2) | (w == 3), images.flip(2), images)
             images = torch.where((w == 1) | (w == 3), images.transpose(2, 3), images)
             labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]
-        if self.translate_int > 0:  # shift by up to translate_int_max of the size, rounded to whole pixels
-            w = draw.gate(draw.rand(2, N, 1, 1, 1) * 2 - 1, self.translate_int * self.p, 1, N, 1, 1, 1)
+        # shift by up to translate_int_max of the size, rounded to whole pixels
+        if self.translate_int > 0:
+            w = draw.gate(
+                draw.rand(2, N, 1, 1, 1) * 2 - 1, self.translate_int * self.p, 1, N, 1, 1, 1)
             tx = (w[0] * (W * self.translate_int_max)).round().to(torch.int64)
             ty = (w[1] * (H * self.translate_int_max)).round().to(torch.int64)
             images = translate_int(images, tx, ty)
@@ -199,7 +255,8 @@ class AugmentPipe:
         return images
 
     def _geometric(self, draw, labels, N, H, W):
-        """The inverse map G_inv (N, 3, 3) of the general transforms; appends their labels (Eq. aug-labels)."""
+        """The inverse map G_inv (N, 3, 3) of the general transforms; appends their labels (Eq.
+        aug-labels)."""
         G_inv = torch.eye(3, device=draw.device).expand(N, 3, 3)
         if self.scale > 0:  # isotropic scaling by s = 2^(w scale_std)
             w = draw.gate(draw.randn(N), self.scale * self.p, N)
@@ -207,7 +264,8 @@ class AugmentPipe:
             G_inv = G_inv @ scale2d(1 / s, 1 / s)
             labels.append(w)
         if self.rotate_frac > 0:  # rotation by w, uniform in [-pi, pi] rotate_frac_max
-            w = draw.gate((draw.rand(N) * 2 - 1) * (math.pi * self.rotate_frac_max), self.rotate_frac * self.p, N)
+            w = draw.gate((draw.rand(N) * 2 - 1) * (math.pi * self.rotate_frac_max),
+                          self.rotate_frac * self.p, N)
             G_inv = G_inv @ rotate2d(w)
             labels += [w.cos() - 1, w.sin()]
         if self.aniso > 0:  # scaling by (s, 1/s), s = 2^(w aniso_std), along an axis rotated by r
@@ -216,8 +274,10 @@ class AugmentPipe:
             s = (w * self.aniso_std).exp2()
             G_inv = G_inv @ rotate2d(-r) @ scale2d(1 / s, s) @ rotate2d(r)
             labels += [w * r.cos(), w * r.sin()]
-        if self.translate_frac > 0:  # translation by w * translate_frac_std of the size, w ~ N(0, 1)
+        # translation by w * translate_frac_std of the size, w ~ N(0, 1)
+        if self.translate_frac > 0:
             w = draw.gate(draw.randn(2, N), self.translate_frac * self.p, 1, N)
-            G_inv = G_inv @ translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std))
+            G_inv = G_inv @ translate2d(-w[0] * (W * self.translate_frac_std), -w[1] *
+                                        (H * self.translate_frac_std))
             labels += [w[0], w[1]]
         return G_inv

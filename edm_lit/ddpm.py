@@ -39,7 +39,9 @@ def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
     """
     T = check_steps(T)
     if not 0 < beta_start <= beta_end < 1:
-        raise ValueError(f'expected 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}')
+        raise ValueError(
+            f'expected 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}'
+        )
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
@@ -65,12 +67,14 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
 
 
 def ddpm_betas(schedule: str = 'linear', T: int = 1000, **kwargs) -> torch.Tensor:
-    """β_1, ..., β_T of the named DDPM schedule: 'linear' (Ho et al.) or 'cosine' (Nichol & Dhariwal).
+    """β_1, ..., β_T of the named DDPM schedule: 'linear' (Ho et al.) or 'cosine' (Nichol &
+    Dhariwal).
 
     Keyword arguments go to `linear_betas` or `cosine_betas`.
     Derived in chapter 12.
     """
-    if schedule not in DDPM_SCHEDULES: raise ValueError(f'unknown schedule {schedule!r}; expected one of {DDPM_SCHEDULES}')
+    if schedule not in DDPM_SCHEDULES:
+        raise ValueError(f'unknown schedule {schedule!r}; expected one of {DDPM_SCHEDULES}')
     return (linear_betas if schedule == 'linear' else cosine_betas)(T, **kwargs)
 
 
@@ -81,12 +85,14 @@ def alpha_bar(betas: torch.Tensor) -> torch.Tensor:
     Derived in chapter 12.
     """
     betas = torch.as_tensor(betas, dtype=torch.float64)
-    if not bool(((betas > 0) & (betas < 1)).all()): raise ValueError(f'every beta must lie in (0, 1), got {betas}')
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(f'every beta must lie in (0, 1), got {betas}')
     return torch.cumprod(1 - betas, dim=0)  # Ho et al., Eq. 4
 
 
 def q_sample(x_0: torch.Tensor, alpha_bar_t, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε: a draw of q(x_t | x_0) given the noise ε (ᾱ_t: one value or one per sample).
+    """x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε: a draw of q(x_t | x_0) given the noise ε (ᾱ_t: one value or
+    one per sample).
 
     Ho et al. (2020), Eq. 4.
     Derived in chapter 12.
@@ -113,27 +119,32 @@ def sigma_from_alpha_bar(alpha_bar_t) -> torch.Tensor:
     """
     alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
     if not bool(((alpha_bar_t > 0) & (alpha_bar_t <= 1)).all()):
-        raise ValueError(f'alpha_bar must lie in (0, 1], got values from {alpha_bar_t.min().item()} '
-                         f'to {alpha_bar_t.max().item()}')
+        raise ValueError(
+            f'alpha_bar must lie in (0, 1], got values from {alpha_bar_t.min().item()} '
+            f'to {alpha_bar_t.max().item()}')
     return ((1 - alpha_bar_t) / alpha_bar_t).sqrt()  # eq-ddpm-sigma
 
 
 def alpha_bar_from_sigma(sigma) -> torch.Tensor:
-    """ᾱ = 1/(1 + σ²), the inverse of `sigma_from_alpha_bar`; σ >= 0 (σ = 0 is the clean data, ᾱ = 1).
+    """ᾱ = 1/(1 + σ²), the inverse of `sigma_from_alpha_bar`; σ >= 0 (σ = 0 is the clean data, ᾱ =
+    1).
 
     eq-ddpm-sigma; the square of the VP scaling s = 1/√(1 + σ²) of Table 1.
     Derived in chapter 12.
     """
-    sigma = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
-    if not bool((sigma >= 0).all()): raise ValueError(f'sigma must be >= 0, got a minimum of {sigma.min().item()}')
+    sigma = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(
+        sigma, dtype=torch.float64)
+    if not bool((sigma >= 0).all()):
+        raise ValueError(f'sigma must be >= 0, got a minimum of {sigma.min().item()}')
     return 1 / (1 + sigma ** 2)  # eq-ddpm-sigma
 
 # %% ../notebooks/12_ddpm.ipynb #d2bfbe92
 class EpsPrecond(Precond):
     """A DDPM noise predictor ε_θ(x_t, t) as a denoiser: D(x; σ) = x − σ·ε_θ(x/√(σ² + 1), t(σ)).
 
-    eq-ddpm-eps-precond; Table 1, VP / iDDPM c_skip, c_out, c_in, with c_noise the 0-based step t − 1 whose σ_t is
-    nearest to σ. `alpha_bar` holds ᾱ_1, ..., ᾱ_T (strictly decreasing) of the network's training schedule.
+    eq-ddpm-eps-precond; Table 1, VP / iDDPM c_skip, c_out, c_in, with c_noise the 0-based step t −
+    1 whose σ_t is nearest to σ. `alpha_bar` holds ᾱ_1, ..., ᾱ_T (strictly decreasing) of the
+    network's training schedule.
     Derived in chapter 12.
     """
     sigma_data = 1.0  # c_in = 1/√(σ² + 1), as VP
@@ -142,12 +153,14 @@ class EpsPrecond(Precond):
         super().__init__(model, label_dim, use_fp16)
         sigmas = sigma_from_alpha_bar(alpha_bar).reshape(-1)
         if not bool((sigmas[1:] > sigmas[:-1]).all() and sigmas[0] > 0):
-            raise ValueError('alpha_bar must decrease strictly from a value below 1 (one entry per DDPM step)')
+            raise ValueError(
+                'alpha_bar must decrease strictly from a value below 1 (one entry per DDPM step)')
         self.register_buffer('sigmas', sigmas, persistent=False)
         self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
 
     def coefficients(self, sigma):
-        """(c_skip, c_out, c_in, c_noise) at σ: ε-prediction with the nearest DDPM step as noise label."""
+        """(c_skip, c_out, c_in, c_noise) at σ: ε-prediction with the nearest DDPM step as noise
+        label."""
         c_skip, c_out, c_in = eps_coefficients(sigma)  # Table 1, VP / iDDPM
         return c_skip, c_out, c_in, nearest_index(-c_out, self.sigmas).to(c_out.dtype)
 
@@ -168,21 +181,26 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t, alpha_bar_next)
 
 
 def ddim_sampler(net, latents: torch.Tensor, sigma_steps, class_labels=None) -> torch.Tensor:
-    """Deterministic DDIM in DDPM variables x_t = √ᾱ·x, driven by a denoiser `net(x, sigma, class_labels)`.
+    """Deterministic DDIM in DDPM variables x_t = √ᾱ·x, driven by a denoiser `net(x, sigma,
+    class_labels)`.
 
-    Song et al. (2021), Eq. 12 (η = 0) on the noise levels `sigma_steps` (decreasing, > 0) followed by σ = 0;
-    x_T = √(1 − ᾱ_0)·z for latents z ~ N(0, I). Float64 state; returns x_0. Equals Euler on eq-ddpm-ddim-euler.
+    Song et al. (2021), Eq. 12 (η = 0) on the noise levels `sigma_steps` (decreasing, > 0) followed
+    by σ = 0; x_T = √(1 − ᾱ_0)·z for latents z ~ N(0, I). Float64 state; returns x_0. Equals Euler
+    on eq-ddpm-ddim-euler.
     Derived in chapter 12.
     """
-    sigma_steps = torch.as_tensor(sigma_steps, dtype=torch.float64, device=latents.device).reshape(-1)
+    sigma_steps = torch.as_tensor(sigma_steps, dtype=torch.float64,
+                                  device=latents.device).reshape(-1)
     if not bool((sigma_steps > 0).all() and (sigma_steps[1:] < sigma_steps[:-1]).all()):
-        raise ValueError(f'sigma_steps must be positive and strictly decreasing, got {sigma_steps.tolist()}')
+        raise ValueError(
+            f'sigma_steps must be positive and strictly decreasing, got {sigma_steps.tolist()}')
     sigma_steps = torch.cat([sigma_steps, torch.zeros_like(sigma_steps[:1])])  # σ_N = 0
     a = alpha_bar_from_sigma(sigma_steps)  # ᾱ of every step; ᾱ = 1 at σ = 0
     x_t = latents.to(torch.float64) * (1 - a[0]).sqrt()  # x_T = √ᾱ_0 · σ_0 z
     for i in range(len(sigma_steps) - 1):
         x = x_t / a[i].sqrt()  # the σ-framework variable x = x_t / s
-        eps = (x - net(x, sigma_steps[i], class_labels).to(torch.float64)) / sigma_steps[i]  # ε̂ = (x − D)/σ
+        # ε̂ = (x − D)/σ
+        eps = (x - net(x, sigma_steps[i], class_labels).to(torch.float64)) / sigma_steps[i]
         x_t = ddim_step(x_t, eps, a[i], a[i + 1])  # eq-ddpm-ddim
     return x_t
 
@@ -200,16 +218,20 @@ def q_posterior(x_0: torch.Tensor, x_t: torch.Tensor, alpha_bar_prev, alpha_bar_
 
 # %% ../notebooks/12_ddpm.ipynb #48d0ecf1
 def elbo_weight(sigma_prev, sigma) -> torch.Tensor:
-    """λ_t = (1/σ_{t-1}² − 1/σ_t²) / 2: the weight of the denoising error in the DDPM ELBO term L_{t-1}.
+    """λ_t = (1/σ_{t-1}² − 1/σ_t²) / 2: the weight of the denoising error in the DDPM ELBO term
+    L_{t-1}.
 
-    eq-ddpm-elbo-weight (Ho et al. 2020, Eq. 5 with s_t² = β̃_t; Kingma et al. 2021). Derived in chapter 12.
+    eq-ddpm-elbo-weight (Ho et al. 2020, Eq. 5 with s_t² = β̃_t; Kingma et al. 2021). Derived in
+    chapter 12.
     """
     sigma_prev, sigma = (torch.as_tensor(s, dtype=torch.float64) for s in (sigma_prev, sigma))
     return 0.5 * (1 / sigma_prev ** 2 - 1 / sigma ** 2)
 
 # %% ../notebooks/12_ddpm.ipynb #74c6b12e
-def ancestral_step(x: torch.Tensor, D_x: torch.Tensor, sigma, sigma_next, z: torch.Tensor) -> torch.Tensor:
-    """One DDPM ancestral step from σ to σ' < σ in the σ-framework: the posterior with x̂_0 = D(x; σ), scaled.
+def ancestral_step(x: torch.Tensor, D_x: torch.Tensor, sigma, sigma_next,
+                   z: torch.Tensor) -> torch.Tensor:
+    """One DDPM ancestral step from σ to σ' < σ in the σ-framework: the posterior with x̂_0 = D(x;
+    σ), scaled.
 
     eq-ddpm-ancestral (Ho et al. 2020, Alg. 2 with s_t² = β̃_t). Derived in chapter 12.
     """
@@ -217,16 +239,20 @@ def ancestral_step(x: torch.Tensor, D_x: torch.Tensor, sigma, sigma_next, z: tor
     return D_x + r * (x - D_x) + per_sample(sigma_next, x) * (1 - r).sqrt() * z  # eq-ddpm-ancestral
 
 
-def ancestral_sampler(net, latents: torch.Tensor, sigma_steps, class_labels=None, randn_like=torch.randn_like):
-    """DDPM ancestral sampling driven by a denoiser `net(x, sigma, class_labels)` on `sigma_steps` (decreasing,
-    > 0) followed by σ = 0; x starts at σ_0·latents. Float64 state.
+def ancestral_sampler(net, latents: torch.Tensor, sigma_steps, class_labels=None,
+                      randn_like=torch.randn_like):
+    """DDPM ancestral sampling driven by a denoiser `net(x, sigma, class_labels)` on `sigma_steps`
+    (decreasing, > 0) followed by σ = 0; x starts at σ_0·latents. Float64 state.
 
     Ho et al. (2020), Alg. 2, in σ-form (eq-ddpm-ancestral). Derived in chapter 12.
     """
-    sigma_steps = torch.as_tensor(sigma_steps, dtype=torch.float64, device=latents.device).reshape(-1)
+    sigma_steps = torch.as_tensor(sigma_steps, dtype=torch.float64,
+                                  device=latents.device).reshape(-1)
     if not bool((sigma_steps > 0).all() and (sigma_steps[1:] < sigma_steps[:-1]).all()):
-        raise ValueError(f'sigma_steps must be positive and strictly decreasing, got {sigma_steps.tolist()}')
-    sigma_steps = torch.cat([sigma_steps, torch.zeros_like(sigma_steps[:1])])  # σ_N = 0: the last step returns D
+        raise ValueError(
+            f'sigma_steps must be positive and strictly decreasing, got {sigma_steps.tolist()}')
+    # σ_N = 0: the last step returns D
+    sigma_steps = torch.cat([sigma_steps, torch.zeros_like(sigma_steps[:1])])
     x = latents.to(torch.float64) * sigma_steps[0]
     for sigma, sigma_next in zip(sigma_steps[:-1], sigma_steps[1:]):
         D_x = net(x, sigma, class_labels).to(torch.float64)

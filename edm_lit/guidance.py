@@ -15,9 +15,10 @@ __all__ = ['Guided', 'LabelledMixture', 'sample_guided', 'assign', 'coverage']
 
 # %% ../notebooks/13_guidance.ipynb #d0afebcd
 class Guided(torch.nn.Module):
-    """D_w = D_0 + w (D_1 - D_0): classifier-free guidance (D_0 = `net` without labels) or autoguidance
-    (D_0 = `guide`, a weaker model of the same task, with the same labels). Eqs. eq-guid-cfg, eq-guid-auto
-    (Ho & Salimans 2022; Karras et al. 2024b). Two evaluations per call (one if w = 1). Derived in chapter 13."""
+    """D_w = D_0 + w (D_1 - D_0): classifier-free guidance (D_0 = `net` without labels) or
+    autoguidance (D_0 = `guide`, a weaker model of the same task, with the same labels). Eqs.
+    eq-guid-cfg, eq-guid-auto (Ho & Salimans 2022; Karras et al. 2024b). Two evaluations per call
+    (one if w = 1). Derived in chapter 13."""
     def __init__(self, net, guidance: float = 1.0, guide=None):
         super().__init__()
         w = float(guidance)
@@ -25,7 +26,8 @@ class Guided(torch.nn.Module):
             raise ValueError(f'guidance must be a finite number >= 0, got {guidance!r}')
         self.net, self.guide, self.guidance = net, guide, w
         nets = [net] if guide is None else [net, guide]
-        self.sigma_min = max(float(getattr(n, 'sigma_min', 0)) for n in nets)  # where both are defined
+        # where both are defined
+        self.sigma_min = max(float(getattr(n, 'sigma_min', 0)) for n in nets)
         self.sigma_max = min(float(getattr(n, 'sigma_max', math.inf)) for n in nets)
         self.round_sigma = getattr(net, 'round_sigma', torch.as_tensor)
 
@@ -34,8 +36,10 @@ class Guided(torch.nn.Module):
         if self.guidance == 1: return D_1
         if self.guide is not None: D_0 = self.guide(x, sigma, class_labels)  # Eq. eq-guid-auto
         elif class_labels is None:
-            raise ValueError('classifier-free guidance needs class labels (it contrasts them with no label)')
-        else: D_0 = self.net(x, sigma, torch.zeros_like(class_labels))  # label dropped: D(x; sigma, no label)
+            raise ValueError(
+                'classifier-free guidance needs class labels (it contrasts them with no label)')
+        # label dropped: D(x; sigma, no label)
+        else: D_0 = self.net(x, sigma, torch.zeros_like(class_labels))
         return D_0 + self.guidance * (D_1 - D_0)  # Eq. eq-guid-cfg
 
 # %% ../notebooks/13_guidance.ipynb #731be23d
@@ -46,9 +50,11 @@ def _rows(sigma, rows, n):
 
 
 class LabelledMixture(torch.nn.Module):
-    """Gaussian-mixture data whose K components carry class labels: p(y | c) and p(y) = sum_c pi_c p(y | c),
-    each a chapter-1 GaussianMixture, with exact noised densities, scores and ideal denoisers. The house
-    interface: net(x, sigma, class_labels) with one-hot rows (a row of zeros: no label). Eq. eq-guid-two-denoisers.
+    """Gaussian-mixture data whose K components carry class labels: p(y | c) and p(y) = sum_c pi_c
+    p(y | c), each a chapter-1 GaussianMixture, with exact noised densities, scores and ideal
+    denoisers. The house
+    interface: net(x, sigma, class_labels) with one-hot rows (a row of zeros: no label). Eq.
+    eq-guid-two-denoisers.
     Derived in chapter 13."""
     sigma_min, sigma_max = 0.0, math.inf
 
@@ -56,23 +62,28 @@ class LabelledMixture(torch.nn.Module):
         super().__init__()
         self.data = GaussianMixture(weights, means, stds)
         labels = torch.as_tensor(labels)
-        if labels.shape != self.data.weights.shape or labels.dtype.is_floating_point or (labels < 0).any():
-            raise ValueError(f'labels must be K={len(self.data.weights)} integers >= 0, got {labels.tolist()}')
+        if labels.shape != self.data.weights.shape or labels.dtype.is_floating_point or (labels
+                                                                                         < 0).any():
+            raise ValueError(
+                f'labels must be K={len(self.data.weights)} integers >= 0, got {labels.tolist()}')
         self.num_classes = int(labels.max()) + 1
-        self.class_probs = torch.stack([self.data.weights[labels == c].sum() for c in range(self.num_classes)])
+        self.class_probs = torch.stack(
+            [self.data.weights[labels == c].sum() for c in range(self.num_classes)])
         if not (self.class_probs > 0).all():
-            raise ValueError(f'every class 0..{self.num_classes - 1} needs a component of positive weight; '
-                             f'class weights {self.class_probs.tolist()}')
+            raise ValueError(
+                f'every class 0..{self.num_classes - 1} needs a component of positive weight; '
+                f'class weights {self.class_probs.tolist()}')
         self.labels = labels
         self.classes = torch.nn.ModuleList(
-            GaussianMixture(self.data.weights[labels == c] / self.class_probs[c], self.data.means[labels == c],
-                            self.data.stds[labels == c]) for c in range(self.num_classes))
+            GaussianMixture(self.data.weights[labels == c] / self.class_probs[c], self.data.means[
+                labels == c], self.data.stds[labels == c]) for c in range(self.num_classes))
 
     def round_sigma(self, sigma): return torch.as_tensor(sigma)
 
     def conditional(self, c: int) -> GaussianMixture:
         """p(y | c), a GaussianMixture. Derived in chapter 13."""
-        if not 0 <= c < self.num_classes: raise ValueError(f'class {c} is not in 0..{self.num_classes - 1}')
+        if not 0 <= c < self.num_classes:
+            raise ValueError(f'class {c} is not in 0..{self.num_classes - 1}')
         return self.classes[c]
 
     def one_hot(self, c: int, n: int) -> torch.Tensor:
@@ -81,7 +92,8 @@ class LabelledMixture(torch.nn.Module):
         return torch.nn.functional.one_hot(torch.full((n,), c), self.num_classes).double()
 
     def forward(self, x, sigma, class_labels=None):
-        """D(x; sigma, c) for rows with a label, D(x; sigma) for rows of zeros (or class_labels None)."""
+        """D(x; sigma, c) for rows with a label, D(x; sigma) for rows of zeros (or class_labels
+        None)."""
         if class_labels is None: return self.data.denoiser(x, sigma)
         if class_labels.shape != (len(x), self.num_classes):
             raise ValueError(f'class_labels must have shape ({len(x)}, {self.num_classes}), '
@@ -96,36 +108,42 @@ class LabelledMixture(torch.nn.Module):
         return out.to(x.dtype)
 
 # %% ../notebooks/13_guidance.ipynb #6098bfc1
-def sample_guided(net, n: int, class_labels=None, guidance: float = 1.0, guide=None, num_steps: int = 18,
-                  seed: int = 0, shape=None):
-    """n samples of `Guided(net, guidance, guide)` by Algorithm 1 (edm_sampler, S_churn = 0), seeds seed..seed+n-1;
-    `shape` is one sample's shape (default: the mixture's dimension). Derived in chapter 13."""
+def sample_guided(net, n: int, class_labels=None, guidance: float = 1.0, guide=None,
+                  num_steps: int = 18, seed: int = 0, shape=None):
+    """n samples of `Guided(net, guidance, guide)` by Algorithm 1 (edm_sampler, S_churn = 0), seeds
+    seed..seed+n-1; `shape` is one sample's shape (default: the mixture's dimension). Derived in
+    chapter 13."""
     shape = tuple(shape) if shape is not None else (net.data.dim,)
     rnd = StackedRandomGenerator('cpu', range(seed, seed + n))
     latents = rnd.randn([n, *shape]).to(torch.float64)
     with torch.no_grad():
-        return edm_sampler(Guided(net, guidance, guide), latents, class_labels, randn_like=rnd.randn_like,
-                           num_steps=num_steps)
+        return edm_sampler(Guided(net, guidance, guide), latents, class_labels,
+                           randn_like=rnd.randn_like, num_steps=num_steps)
 
 # %% ../notebooks/13_guidance.ipynb #5addb81d
 def assign(mixture: GaussianMixture, x):
-    """The component of `mixture` most responsible for each row of x (sigma = 0). Derived in chapter 13."""
+    """The component of `mixture` most responsible for each row of x (sigma = 0). Derived in chapter
+    13."""
     return mixture._components(x, 0.0, allow_zero=True)[2].argmax(1)
 
 
 def coverage(mixture: GaussianMixture, x, probs=None) -> dict:
-    """Per component k of `mixture`: the fraction of x assigned to it, the spread (RMS distance of its points to
-    their own mean, per coordinate) and the shift (distance of that mean from mu_k); `probs` weights the rows
-    (a density on a grid), else each row counts once. Derived in chapter 13."""
-    probs = torch.full((len(x),), 1 / len(x), dtype=torch.float64) if probs is None else probs / probs.sum()
+    """Per component k of `mixture`: the fraction of x assigned to it, the spread (RMS distance of
+    its points to their own mean, per coordinate) and the shift (distance of that mean from mu_k);
+    `probs` weights the rows (a density on a grid), else each row counts once. Derived in chapter
+    13."""
+    probs = torch.full(
+        (len(x), ), 1 / len(x), dtype=torch.float64) if probs is None else probs / probs.sum()
     k, K = assign(mixture, x), len(mixture.weights)
-    out = dict(fraction=torch.zeros(K, dtype=torch.float64), spread=torch.full((K,), math.nan, dtype=torch.float64),
-               shift=torch.full((K,), math.nan, dtype=torch.float64))
+    out = dict(fraction=torch.zeros(K, dtype=torch.float64), spread=torch.full(
+        (K, ), math.nan, dtype=torch.float64), shift=torch.full((K, ), math.nan,
+                                                                dtype=torch.float64))
     for j in range(K):
         p = probs[k == j]
         out['fraction'][j] = p.sum()
         if p.sum() == 0: continue
         mean = (p[:, None] * x[k == j]).sum(0) / p.sum()
-        out['spread'][j] = ((p[:, None] * (x[k == j] - mean) ** 2).sum() / p.sum() / x.shape[1]).sqrt()
+        out['spread'][j] = ((p[:, None] * (x[k == j] - mean)**2).sum() / p.sum() /
+                            x.shape[1]).sqrt()
         out['shift'][j] = (mean - mixture.means[j]).norm()
     return out

@@ -33,26 +33,34 @@ def eps_loss_weight(sigma):
 
 # %% ../notebooks/06_objective.ipynb #feb24f1e
 class DenoisingLoss:
-    """The per-element loss λ(σ)·(D(y + n; σ) − y)², σ ~ p_train, shared by the VP, VE and EDM losses.
+    """The per-element loss λ(σ)·(D(y + n; σ) − y)², σ ~ p_train, shared by the VP, VE and EDM
+    losses.
 
-    Eq. 2 weighted by Table 1's λ(σ); a subclass supplies `sample_sigma(shape, device, generator)` and `weight(sigma)`.
-    Call as `loss_fn(net, images, labels=None, augment_pipe=None)`; `generator` (optional) makes it reproducible.
+    Eq. 2 weighted by Table 1's λ(σ); a subclass supplies `sample_sigma(shape, device, generator)`
+    and `weight(sigma)`. Call as `loss_fn(net, images, labels=None, augment_pipe=None)`; `generator`
+    (optional) makes it reproducible.
     Derived in chapter 6.
     """
     def __call__(self, net, images, labels=None, augment_pipe=None, generator=None):
         if labels is not None and len(labels) != len(images):
             raise ValueError(f'labels hold {len(labels)} rows for a batch of {len(images)} images')
-        sigma = self.sample_sigma(batch_shape(images), images.device, generator).to(images.dtype)  # Table 1: p_train
-        weight = self.weight(sigma)                                                                # Table 1: λ(σ)
+        # Table 1: p_train
+        sigma = self.sample_sigma(batch_shape(images), images.device, generator).to(images.dtype)
+        # Table 1: λ(σ)
+        weight = self.weight(sigma)
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma     # n ~ N(0, σ² I)
+        # n ~ N(0, σ² I)
+        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma
         extra = {} if augment_labels is None else {'augment_labels': augment_labels}
-        D_yn = net(y + n, sigma, labels, **extra)                                                 # D_θ(y + n; σ)
-        return weight * (D_yn - y) ** 2                                                           # Eq. 2
+        # D_θ(y + n; σ)
+        D_yn = net(y + n, sigma, labels, **extra)
+        # Eq. 2
+        return weight * (D_yn - y) ** 2
 
 
 class VPLoss(DenoisingLoss):
-    """The VP loss: t ~ U(ε_t, 1), σ = σ_VP(t), λ = 1/σ²; defaults β_d = 19.9, β_min = 0.1, ε_t = 1e-5.
+    """The VP loss: t ~ U(ε_t, 1), σ = σ_VP(t), λ = 1/σ²; defaults β_d = 19.9, β_min = 0.1, ε_t =
+    1e-5.
 
     Table 1, column "VP", training.
     Derived in chapter 6.
@@ -64,7 +72,8 @@ class VPLoss(DenoisingLoss):
     def sample_sigma(self, shape, device=None, generator=None):
         """σ = σ(t) with t uniform in [ε_t, 1] (computed in float64)."""
         rnd_uniform = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-        return vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min)  # Table 1: t ~ U(ε_t, 1)
+        # Table 1: t ~ U(ε_t, 1)
+        return vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min)
 
     def weight(self, sigma):
         """λ(σ) = 1/σ²."""
@@ -85,7 +94,8 @@ class VELoss(DenoisingLoss):
     def sample_sigma(self, shape, device=None, generator=None):
         """σ = σ_min·(σ_max/σ_min)^u with u uniform in [0, 1]."""
         rnd_uniform = torch.rand(shape, generator=generator, device=device)
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** rnd_uniform  # Table 1: ln σ ~ U(ln σ_min, ln σ_max)
+        # Table 1: ln σ ~ U(ln σ_min, ln σ_max)
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** rnd_uniform
 
     def weight(self, sigma):
         """λ(σ) = 1/σ²."""
@@ -93,7 +103,8 @@ class VELoss(DenoisingLoss):
 
 
 class EDMLoss(DenoisingLoss):
-    """The EDM loss: ln σ ~ N(P_mean, P_std²), λ = (σ² + σ_data²)/(σ·σ_data)²; defaults −1.2, 1.2, 0.5.
+    """The EDM loss: ln σ ~ N(P_mean, P_std²), λ = (σ² + σ_data²)/(σ·σ_data)²; defaults −1.2, 1.2,
+    0.5.
 
     Table 1, column "EDM", training; Eq. 8 with unit effective weight.
     Derived in chapter 6.

@@ -22,10 +22,14 @@ __all__ = ['FEATURE_NETS', 'REFERENCES', 'feature_stats', 'trace_sqrt_product', 
 
 # %% ../notebooks/10_evaluation.ipynb #738c414f
 def _as_features(f, name: str) -> torch.Tensor:
-    """Features as a float64 CPU tensor (N, d) with N >= 2 finite rows; ValueError naming `name` otherwise."""
+    """Features as a float64 CPU tensor (N, d) with N >= 2 finite rows; ValueError naming `name`
+    otherwise."""
     f = torch.as_tensor(f).detach().to('cpu', torch.float64)
-    if f.ndim != 2: raise ValueError(f'{name} must be a feature matrix of shape (N, d), got shape {tuple(f.shape)}')
-    if len(f) < 2: raise ValueError(f'{name} needs n >= 2 samples to estimate a covariance, got n={len(f)}')
+    if f.ndim != 2:
+        raise ValueError(
+            f'{name} must be a feature matrix of shape (N, d), got shape {tuple(f.shape)}')
+    if len(f) < 2:
+        raise ValueError(f'{name} needs n >= 2 samples to estimate a covariance, got n={len(f)}')
     if not torch.isfinite(f).all(): raise ValueError(f'{name} contains NaN or infinite values')
     return f
 
@@ -34,12 +38,14 @@ def _feature_pair(f1, f2) -> tuple[torch.Tensor, torch.Tensor]:
     """Check two feature matrices and that they have the same dimension d."""
     f1, f2 = _as_features(f1, 'f1'), _as_features(f2, 'f2')
     if f1.shape[1] != f2.shape[1]:
-        raise ValueError(f'feature dimensions differ: f1 has d={f1.shape[1]}, f2 has d={f2.shape[1]}')
+        raise ValueError(
+            f'feature dimensions differ: f1 has d={f1.shape[1]}, f2 has d={f2.shape[1]}')
     return f1, f2
 
 
 def feature_stats(features) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased covariance (divisor n - 1) of features (n, d) in float64: the Gaussian fit of FID.
+    """Mean and unbiased covariance (divisor n - 1) of features (n, d) in float64: the Gaussian fit
+    of FID.
 
     The (mu, Sigma) of Eq. eq-eval-fid (Heusel et al. 2017). Derived in chapter 10.
     """
@@ -50,7 +56,8 @@ def feature_stats(features) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
-    """Square root of a symmetric PSD matrix by eigh; eigenvalues at round-off level (or negative) set to 0."""
+    """Square root of a symmetric PSD matrix by eigh; eigenvalues at round-off level (or negative)
+    set to 0."""
     lam, U = torch.linalg.eigh(sigma)
     lam = torch.where(lam > lam.max() * len(lam) * torch.finfo(lam.dtype).eps, lam, 0.0)
     return (U * lam.sqrt()) @ U.T
@@ -59,20 +66,23 @@ def _psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
 def trace_sqrt_product(sigma1, sigma2) -> float:
     """tr((Σ1 Σ2)^{1/2}) as the sum of the singular values of Σ2^{1/2} Σ1^{1/2}, in float64.
 
-    Eq. eq-eval-trace-sqrt, the last term of Eq. eq-eval-fid (Heusel et al. 2017). Derived in chapter 10.
+    Eq. eq-eval-trace-sqrt, the last term of Eq. eq-eval-fid (Heusel et al. 2017). Derived in
+    chapter 10.
     """
     root1, root2 = (_psd_sqrt(torch.as_tensor(s, dtype=torch.float64)) for s in (sigma1, sigma2))
     return torch.linalg.svdvals(root2 @ root1).sum().item()
 
 
 def _check_stats(mu, sigma, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """mu (d,) and a finite symmetric sigma (d, d) in float64 on the CPU; ValueError naming `name` otherwise."""
+    """mu (d,) and a finite symmetric sigma (d, d) in float64 on the CPU; ValueError naming `name`
+    otherwise."""
     mu = torch.as_tensor(mu).detach().to('cpu', torch.float64)
     sigma = torch.as_tensor(sigma).detach().to('cpu', torch.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ValueError(f'{name}: expected mu of shape (d,) and sigma (d, d), '
                          f'got {tuple(mu.shape)} and {tuple(sigma.shape)}')
-    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()): raise ValueError(f'{name}: non-finite values')
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        raise ValueError(f'{name}: non-finite values')
     if not torch.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9 * float(sigma.abs().max())):
         raise ValueError(f'{name}: sigma is not symmetric, so it is not a covariance matrix')
     return mu, sigma
@@ -85,9 +95,11 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """
     mu1, sigma1 = _check_stats(mu1, sigma1, 'set 1')
     mu2, sigma2 = _check_stats(mu2, sigma2, 'set 2')
-    if len(mu1) != len(mu2): raise ValueError(f'feature dimensions differ: {len(mu1)} vs {len(mu2)}')
+    if len(mu1) != len(mu2):
+        raise ValueError(f'feature dimensions differ: {len(mu1)} vs {len(mu2)}')
     mean_term = (mu1 - mu2).square().sum().item()  # ||mu1 - mu2||^2
-    return mean_term + (sigma1.trace() + sigma2.trace()).item() - 2 * trace_sqrt_product(sigma1, sigma2)
+    return mean_term + (sigma1.trace() +
+                        sigma2.trace()).item() - 2 * trace_sqrt_product(sigma1, sigma2)
 
 
 def fid_from_features(f1, f2) -> float:
@@ -108,19 +120,23 @@ def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Unbiased estimate of MMD² between samples x (m1, d) and y (m2, d) with the cubic polynomial kernel.
+    """Unbiased estimate of MMD² between samples x (m1, d) and y (m2, d) with the cubic polynomial
+    kernel.
 
     Eq. eq-eval-mmd-unbiased (Bińkowski et al. 2018). Derived in chapter 10.
     """
     m1, m2 = len(x), len(y)
     k_xx, k_yy = polynomial_kernel(x, x), polynomial_kernel(y, y)
-    within = (k_xx.sum() - k_xx.trace()) / (m1 * (m1 - 1)) + (k_yy.sum() - k_yy.trace()) / (m2 * (m2 - 1))
+    within = (k_xx.sum() - k_xx.trace()) / (m1 *
+                                            (m1 - 1)) + (k_yy.sum() - k_yy.trace()) / (m2 *
+                                                                                       (m2 - 1))
     return (within - 2 * polynomial_kernel(x, y).mean()).item()
 
 
 def kid_from_features(f1, f2, num_subsets: int = 100, max_subset_size: int = 1000,
                       generator: torch.Generator | None = None) -> float:
-    """KID: the mean of unbiased MMD² estimates over `num_subsets` random subsets of size min(n1, n2, max_subset_size).
+    """KID: the mean of unbiased MMD² estimates over `num_subsets` random subsets of size min(n1,
+    n2, max_subset_size).
 
     Eqs. eq-eval-kernel, eq-eval-mmd-unbiased (Bińkowski et al. 2018). Derived in chapter 10.
     """
@@ -128,7 +144,8 @@ def kid_from_features(f1, f2, num_subsets: int = 100, max_subset_size: int = 100
     if num_subsets < 1: raise ValueError(f'num_subsets must be >= 1, got {num_subsets}')
     if max_subset_size < 2: raise ValueError(f'max_subset_size must be >= 2, got {max_subset_size}')
     m = min(len(f1), len(f2), max_subset_size)
-    if m == len(f1) == len(f2): return mmd2_unbiased(f1, f2)  # every subset would be the whole of both sets
+    # every subset would be the whole of both sets
+    if m == len(f1) == len(f2): return mmd2_unbiased(f1, f2)
     total = 0.0
     for _ in range(num_subsets):  # subsets drawn without replacement, independently for each set
         x = f1[torch.randperm(len(f1), generator=generator)[:m]]
@@ -137,8 +154,10 @@ def kid_from_features(f1, f2, num_subsets: int = 100, max_subset_size: int = 100
     return total / num_subsets
 
 # %% ../notebooks/10_evaluation.ipynb #73697a57
-def extract_features(feature_fn, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
-    """Apply a feature network to images in batches on `device` (default: the images' own); float64 CPU (N, d).
+def extract_features(feature_fn, images: torch.Tensor, batch_size: int = 256,
+                     device=None) -> torch.Tensor:
+    """Apply a feature network to images in batches on `device` (default: the images' own); float64
+    CPU (N, d).
 
     The map x -> phi(x) of Heusel et al. (2017). Derived in chapter 10.
     """
@@ -153,24 +172,29 @@ def extract_features(feature_fn, images: torch.Tensor, batch_size: int = 256, de
 def _random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2; a mirrored image keeps its label.
 
-    Fashion-MNIST's classes, not all its images, are invariant under the flip: a shirt's pocket or a bag's strap
-    changes sides, but a mirrored shoe is still a shoe. Derived in chapter 10.
+    Fashion-MNIST's classes, not all its images, are invariant under the flip: a shirt's pocket or a
+    bag's strap changes sides, but a mirrored shoe is still a shoe. Derived in chapter 10.
     """
     flip = torch.rand(len(x), generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def train_fashion_classifier(images, labels, epochs: int = 10, batch_size: int = 128, lr: float = 3e-3,
-                             weight_decay: float = 5e-4, seed: int = 0) -> FashionClassifier:
-    """Train FashionClassifier on images (N, 1, 32, 32) in [-1, 1] with labels 0..9: AdamW, one-cycle LR, flips.
+def train_fashion_classifier(images, labels, epochs: int = 10, batch_size: int = 128,
+                             lr: float = 3e-3, weight_decay: float = 5e-4,
+                             seed: int = 0) -> FashionClassifier:
+    """Train FashionClassifier on images (N, 1, 32, 32) in [-1, 1] with labels 0..9: AdamW,
+    one-cycle LR, flips.
 
     The domain feature network of Eq. eq-eval-fid; deterministic for a given seed and thread count.
     Derived in chapter 10.
     """
     check_images(images, 'images', channels=(1,), size=(32, 32))
     if labels.shape != (len(images),) or labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f'labels must be (N,) = ({len(images)},) integers in 0..9, got shape {tuple(labels.shape)}')
-    with torch.random.fork_rng(devices=[]):  # seeds the global RNG (init, dropout) without disturbing the caller's
+        raise ValueError(
+            f'labels must be (N,) = ({len(images)},) integers in 0..9, got shape {tuple(labels.shape)}'
+        )
+    # seeds the global RNG (init, dropout) without disturbing the caller's
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         g, net = torch.Generator().manual_seed(seed), FashionClassifier()
         steps = len(images) // batch_size
@@ -185,7 +209,8 @@ def train_fashion_classifier(images, labels, epochs: int = 10, batch_size: int =
     return net.eval()
 
 
-def classifier_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def classifier_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        batch_size: int = 1000) -> float:
     """Fraction of images whose arg-max logit is the label (the classifier's accuracy).
 
     Checks the domain feature network of Eq. eq-eval-fid. Derived in chapter 10.
@@ -195,38 +220,47 @@ def classifier_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tens
     return (logits.argmax(1) == labels.cpu()).double().mean().item()
 
 
-def build_fashion_classifier(out=CLASSIFIER_PATH, epochs: int = 10, seed: int = 0, source: str = 'debian',
-                             num_threads: int = 2) -> dict:
-    """Train on the 60,000 training images, measure accuracy on the 10,000 test images, write weights + sidecar.
+def build_fashion_classifier(out=CLASSIFIER_PATH, epochs: int = 10, seed: int = 0,
+                             source: str = 'debian', num_threads: int = 2) -> dict:
+    """Train on the 60,000 training images, measure accuracy on the 10,000 test images, write
+    weights + sidecar.
 
-    Produces the committed edm_lit/assets/fashion_classifier.* (the domain features of Eq. eq-eval-fid).
+    Produces the committed edm_lit/assets/fashion_classifier.* (the domain features of Eq.
+    eq-eval-fid).
     Derived in chapter 10.
     """
     torch.set_num_threads(num_threads)
-    train, test = (load_fashion_mnist(split, source=source, pad_to_32=True) for split in (True, False))
+    train, test = (load_fashion_mnist(split, source=source, pad_to_32=True)
+                   for split in (True, False))
     start = time.perf_counter()
     net = train_fashion_classifier(train.images, train.labels, epochs=epochs, seed=seed)
     seconds = time.perf_counter() - start
-    record = dict(call=f'edm_lit.metrics.build_fashion_classifier(epochs={epochs}, seed={seed}, '
-                       f'source={source!r}, num_threads={num_threads})',
-                  hardware=f'{os.cpu_count()}-core CPU, no GPU', torch=torch.__version__, data_source=train.source,
-                  train_images=len(train), test_images=len(test), training_seconds=round(seconds),
-                  test_accuracy=round(classifier_accuracy(net, test.images, test.labels), 4))
+    record = dict(
+        call=f'edm_lit.metrics.build_fashion_classifier(epochs={epochs}, seed={seed}, '
+        f'source={source!r}, num_threads={num_threads})',
+        hardware=f'{os.cpu_count()}-core CPU, no GPU', torch=torch.__version__,
+        data_source=train.source, train_images=len(train), test_images=len(test),
+        training_seconds=round(seconds),
+        test_accuracy=round(classifier_accuracy(net, test.images, test.labels), 4))
     save_classifier(net, out, record)
     return record
 
 # %% ../notebooks/10_evaluation.ipynb #17d2a1d6
-FEATURE_NETS = {'domain': dict(channels=(1,), size=(32, 32)), 'inception': dict(channels=(1, 3), size=None)}
+FEATURE_NETS = {
+    'domain': dict(channels=(1, ), size=(32, 32)), 'inception': dict(channels=(1, 3), size=None)
+}
 REFERENCES = {'fashion-test': False, 'fashion-train': True}  # name -> train split?
 
 
 def _as_png(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] rounded to the 8-bit grid a PNG stores (so tensors and PNG folders agree)."""
+    """Images in [-1, 1] rounded to the 8-bit grid a PNG stores (so tensors and PNG folders
+    agree)."""
     return to_uint8_values(images) / 127.5 - 1
 
 
 def feature_network(name: str = 'domain', device='cpu'):
-    """The feature map phi for FID/KID: 'domain' (classifier, 128-d) or 'inception' (Inception-v3 pool3, 2048-d).
+    """The feature map phi for FID/KID: 'domain' (classifier, 128-d) or 'inception' (Inception-v3
+    pool3, 2048-d).
 
     Heusel et al. (2017); Szegedy et al. (2016). Derived in chapter 10.
     """
@@ -236,28 +270,33 @@ def feature_network(name: str = 'domain', device='cpu'):
 
 
 def load_images(images_or_folder, source: str = 'auto') -> torch.Tensor:
-    """A tensor as is, a reference name ('fashion-test', 'fashion-train': padded to 32x32) or a folder of images.
+    """A tensor as is, a reference name ('fashion-test', 'fashion-train': padded to 32x32) or a
+    folder of images.
 
     The image sets compared by Eqs. eq-eval-fid and eq-eval-mmd-unbiased. Derived in chapter 10.
     """
     if torch.is_tensor(images_or_folder): return images_or_folder
     if isinstance(images_or_folder, str) and images_or_folder in REFERENCES:
-        return load_fashion_mnist(REFERENCES[images_or_folder], source=source, pad_to_32=True).images
+        return load_fashion_mnist(REFERENCES[images_or_folder], source=source,
+                                  pad_to_32=True).images
     return load_image_folder(images_or_folder).images  # every image file under the folder, one size
 
 
-def evaluate(images_or_folder, reference='fashion-test', features: str = 'domain', n: int | None = None,
-             seed: int = 0, num_subsets: int = 100, max_subset_size: int = 1000, batch_size: int = 256,
-             device=None, source: str = 'auto', floor_reference=None) -> dict:
-    """FID and KID of n images against n reference images, with the real-vs-real floor at the same n: a JSON dict.
+def evaluate(images_or_folder, reference='fashion-test', features: str = 'domain',
+             n: int | None = None, seed: int = 0, num_subsets: int = 100,
+             max_subset_size: int = 1000, batch_size: int = 256, device=None, source: str = 'auto',
+             floor_reference=None) -> dict:
+    """FID and KID of n images against n reference images, with the real-vs-real floor at the same
+    n: a JSON dict.
 
-    `images_or_folder` and `reference`: a tensor in [-1, 1], an image folder or 'fashion-test' / 'fashion-train'
-    (read from `source`); `features`: 'domain' or 'inception'; n defaults to the most both sets allow. The floor
-    compares n reference images with n others: from the reference set itself (2n drawn), or, when
-    `floor_reference` is given (e.g. 'fashion-train' against 'fashion-test'), n images of that set. Returns
-    {fid, kid, floor_fid, floor_kid, n, feature_net, feature_dim, reference, floor_reference, seed, num_subsets,
-    max_subset_size}.
-    Eqs. eq-eval-fid, eq-eval-mmd-unbiased (Heusel et al. 2017; Bińkowski et al. 2018). Derived in chapter 10.
+    `images_or_folder` and `reference`: a tensor in [-1, 1], an image folder or 'fashion-test' /
+    'fashion-train' (read from `source`); `features`: 'domain' or 'inception'; n defaults to the
+    most both sets allow. The floor compares n reference images with n others: from the reference
+    set itself (2n drawn), or, when `floor_reference` is given (e.g. 'fashion-train' against
+    'fashion-test'), n images of that set. Returns {fid, kid, floor_fid, floor_kid, n, feature_net,
+    feature_dim, reference, floor_reference, seed, num_subsets, max_subset_size}.
+    Eqs. eq-eval-fid, eq-eval-mmd-unbiased (Heusel et al. 2017; Bińkowski et al. 2018). Derived in
+    chapter 10.
     """
     if features not in FEATURE_NETS:
         raise ValueError(f'unknown features {features!r}; expected one of {sorted(FEATURE_NETS)}')
@@ -265,7 +304,8 @@ def evaluate(images_or_folder, reference='fashion-test', features: str = 'domain
     ref = check_images(load_images(reference, source), 'reference', **FEATURE_NETS[features])
     other = None if floor_reference is None else \
         check_images(load_images(floor_reference, source), 'floor reference', **FEATURE_NETS[features])
-    n_max = min(len(images), len(ref) // 2) if other is None else min(len(images), len(ref), len(other))
+    n_max = min(len(images),
+                len(ref) // 2) if other is None else min(len(images), len(ref), len(other))
     n = n_max if n is None else n
     if not 2 <= n <= n_max:
         sizes = (f'{len(ref)} reference images; the floor uses 2n of them' if other is None else
@@ -280,9 +320,10 @@ def evaluate(images_or_folder, reference='fashion-test', features: str = 'domain
     f_a, f_b = (f_ref[:n], f_ref[n:]) if other is None else \
         (f_ref, extract_features(phi, _as_png(other[torch.randperm(len(other), generator=g)[:n]]), batch_size, device))
     kid = lambda f: kid_from_features(f, f_a, num_subsets, max_subset_size, generator=g)
-    return dict(fid=fid_from_features(f_gen, f_a), kid=kid(f_gen), floor_fid=fid_from_features(f_b, f_a),
-                floor_kid=kid(f_b), n=n, feature_net=features, feature_dim=f_gen.shape[1],
-                reference='tensor' if torch.is_tensor(reference) else str(reference),
-                floor_reference=None if floor_reference is None else
-                'tensor' if torch.is_tensor(floor_reference) else str(floor_reference), seed=seed,
-                num_subsets=num_subsets, max_subset_size=max_subset_size)
+    return dict(
+        fid=fid_from_features(f_gen, f_a), kid=kid(f_gen), floor_fid=fid_from_features(f_b, f_a),
+        floor_kid=kid(f_b), n=n, feature_net=features, feature_dim=f_gen.shape[1],
+        reference='tensor' if torch.is_tensor(reference) else str(reference),
+        floor_reference=None if floor_reference is None else
+        'tensor' if torch.is_tensor(floor_reference) else str(floor_reference), seed=seed,
+        num_subsets=num_subsets, max_subset_size=max_subset_size)

@@ -13,25 +13,32 @@ from torch.nn.functional import silu
 
 
 def weight_init(shape, mode, fan_in, fan_out):
-    """Random weights of `shape` with the variance of init `mode`: 2/(fan_in+fan_out) (xavier), 1/fan_in (kaiming).
-    Eq. arch-xavier; the official `weight_init` (uniform: [-a, a], a = sqrt(3 var)). Derived in chapter 7."""
-    if mode == 'xavier_uniform': return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    """Random weights of `shape` with the variance of init `mode`: 2/(fan_in+fan_out) (xavier),
+    1/fan_in (kaiming).
+    Eq. arch-xavier; the official `weight_init` (uniform: [-a, a], a = sqrt(3 var)). Derived in
+    chapter 7."""
+    if mode == 'xavier_uniform':
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
     if mode == 'xavier_normal': return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
     if mode == 'kaiming_uniform': return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == 'kaiming_normal': return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f'unknown init mode {mode!r}; expected xavier_uniform/_normal or kaiming_uniform/_normal')
+    raise ValueError(
+        f'unknown init mode {mode!r}; expected xavier_uniform/_normal or kaiming_uniform/_normal')
 
 
-def _weights(layer, shape, fan_in, fan_out, bias, init_mode='kaiming_normal', init_weight=1, init_bias=0):
-    """Set layer.weight / .bias to init_weight / init_bias x weight_init (Eq. arch-xavier). Derived in chapter 7."""
+def _weights(layer, shape, fan_in, fan_out, bias, init_mode='kaiming_normal', init_weight=1,
+             init_bias=0):
+    """Set layer.weight / .bias to init_weight / init_bias x weight_init (Eq. arch-xavier). Derived
+    in chapter 7."""
     # the bias is drawn even when init_bias = 0, so a seed reproduces the official weights
     layer.weight = torch.nn.Parameter(weight_init(shape, init_mode, fan_in, fan_out) * init_weight)
-    layer.bias = torch.nn.Parameter(weight_init(shape[:1], init_mode, fan_in, fan_out) * init_bias) if bias else None
+    layer.bias = torch.nn.Parameter(weight_init(shape[:1], init_mode, fan_in, fan_out) *
+                                    init_bias) if bias else None
 
 
 class Linear(torch.nn.Module):
-    """Fully connected layer y = x W^T + b; the weights follow the input's dtype.
-    The official `Linear` (mapping network, Eq. arch-embedding; A of Eq. arch-block). Derived in chapter 7."""
+    """Fully connected layer y = x W^T + b; the weights follow the input's dtype. The official
+    `Linear` (mapping network, Eq. arch-embedding; A of Eq. arch-block). Derived in chapter 7."""
     def __init__(self, in_features, out_features, bias=True, **init):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -43,10 +50,13 @@ class Linear(torch.nn.Module):
 
 
 def resample_kernel(resample_filter):
-    """The separable 2-D FIR kernel f f^T / (sum f)^2 of a 1-D filter f, shape (1, 1, k, k), DC gain 1.
-    Eq. arch-resample: [1, 1] (box) for DDPM++, [1, 3, 3, 1] (binomial) for NCSN++. Derived in chapter 7."""
+    """The separable 2-D FIR kernel f f^T / (sum f)^2 of a 1-D filter f, shape (1, 1, k, k), DC gain
+    1.
+    Eq. arch-resample: [1, 1] (box) for DDPM++, [1, 3, 3, 1] (binomial) for NCSN++. Derived in
+    chapter 7."""
     if len(resample_filter) % 2 or len(resample_filter) == 0 or sum(resample_filter) == 0:
-        raise ValueError(f'resample_filter must have even length and a non-zero sum, got {resample_filter}')
+        raise ValueError(
+            f'resample_filter must have even length and a non-zero sum, got {resample_filter}')
     f = torch.as_tensor(resample_filter, dtype=torch.float32)
     return (torch.outer(f, f) / f.sum().square())[None, None]
 
@@ -54,27 +64,34 @@ def resample_kernel(resample_filter):
 def _resample(x, f, up, padding):
     """2x up- or downsampling with the FIR kernel f (Eq. arch-resample). Derived in chapter 7."""
     conv = torch.nn.functional.conv_transpose2d if up else torch.nn.functional.conv2d
-    return conv(x, (f * 4 if up else f).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=padding)
+    return conv(x, (f * 4 if up else f).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2,
+                padding=padding)
 
 
 class Conv2d(torch.nn.Module):
-    """k x k convolution ('same' padding) with optional 2x FIR up/downsampling; kernel = 0 only resamples.
-    The official `Conv2d`, Eq. arch-resample; fused_resample: conv before downsampling. Derived in chapter 7."""
-    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=(1, 1),
-                 fused_resample=False, **init):
+    """k x k convolution ('same' padding) with optional 2x FIR up/downsampling; kernel = 0 only
+    resamples. The official `Conv2d`, Eq. arch-resample; fused_resample: conv before downsampling.
+    Derived in chapter 7."""
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
+                 resample_filter=(1, 1), fused_resample=False, **init):
         super().__init__()
-        if up and (down or fused_resample): raise ValueError(f'up=True excludes {down=} and {fused_resample=}')
+        if up and (down or fused_resample):
+            raise ValueError(f'up=True excludes {down=} and {fused_resample=}')
         self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
         self.fused_resample, self.weight, self.bias = fused_resample, None, None
-        if kernel: _weights(self, [out_channels, in_channels, kernel, kernel], in_channels * kernel ** 2,
-                            out_channels * kernel ** 2, bias, **init)
-        self.register_buffer('resample_filter', resample_kernel(resample_filter) if up or down else None)
+        if kernel:
+            _weights(self, [out_channels, in_channels, kernel, kernel], in_channels * kernel**2,
+                     out_channels * kernel**2, bias, **init)
+        self.register_buffer('resample_filter',
+                             resample_kernel(resample_filter) if up or down else None)
 
     def forward(self, x):
         w = None if self.weight is None else self.weight.to(x.dtype)
         f = None if self.resample_filter is None else self.resample_filter.to(x.dtype)
-        w_pad, f_pad = (0 if w is None else w.shape[-1] // 2), (0 if f is None else (f.shape[-1] - 1) // 2)
-        if self.fused_resample and w is not None and self.down:  # one padding around conv + downsampling
+        w_pad, f_pad = (0 if w is None else w.shape[-1] // 2), (0 if f is None else
+                                                                (f.shape[-1] - 1) // 2)
+        # one padding around conv + downsampling
+        if self.fused_resample and w is not None and self.down:
             x = _resample(torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad), f, False, 0)
         else:
             if self.up or self.down: x = _resample(x, f, self.up, f_pad)
@@ -83,14 +100,16 @@ class Conv2d(torch.nn.Module):
 
 # %% ../notebooks/07_architectures.ipynb #51cf153a
 class GroupNorm(torch.nn.Module):
-    """Group normalization with min(num_groups, C / min_channels_per_group) groups, affine weight 1 / bias 0 at init.
+    """Group normalization with min(num_groups, C / min_channels_per_group) groups, affine weight 1
+    / bias 0 at init.
     Eq. arch-groupnorm; the official `GroupNorm` (never mixes the batch). Derived in chapter 7."""
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
         super().__init__()
         self.num_groups, self.eps = min(num_groups, num_channels // min_channels_per_group), eps
         if self.num_groups < 1 or num_channels % self.num_groups:
-            raise ValueError(f'cannot split num_channels={num_channels} into {self.num_groups} equal groups of at '
-                             f'least {min_channels_per_group} channels')
+            raise ValueError(
+                f'cannot split num_channels={num_channels} into {self.num_groups} equal groups of at '
+                f'least {min_channels_per_group} channels')
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
@@ -100,31 +119,39 @@ class GroupNorm(torch.nn.Module):
 
 
 def attention(q, k, v):
-    """Self-attention softmax(q^T k / sqrt(c)) v^T for channels-first (..., c, L) tensors, via torch's fused kernel.
+    """Self-attention softmax(q^T k / sqrt(c)) v^T for channels-first (..., c, L) tensors, via
+    torch's fused kernel.
     Eq. arch-attention; the official `AttentionOp` followed by its einsum. Derived in chapter 7."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     return sdpa(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)).transpose(-1, -2)
 
 
 class UNetBlock(torch.nn.Module):
-    """Residual block conditioned on the embedding e, with optional 2x up/downsampling and self-attention.
-    Eq. arch-block (+ Eq. arch-attention; ADM: Eq. arch-adaptive); the official `UNetBlock`. Derived in chapter 7."""
-    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, dropout=0,
-                 skip_scale=1, eps=1e-5, resample_filter=(1, 1), channels_per_head=None, resample_proj=True,
-                 adaptive_scale=False, init=None, init_zero=None, init_attn=None):
-        super().__init__()  # init / init_zero / init_attn: weight_init kwargs of the convs / branch ends / qkv
+    """Residual block conditioned on the embedding e, with optional 2x up/downsampling and
+    self-attention.
+    Eq. arch-block (+ Eq. arch-attention; ADM: Eq. arch-adaptive); the official `UNetBlock`. Derived
+    in chapter 7."""
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False,
+                 attention=False, dropout=0, skip_scale=1, eps=1e-5, resample_filter=(1, 1),
+                 channels_per_head=None, resample_proj=True, adaptive_scale=False, init=None,
+                 init_zero=None, init_attn=None):
+        # init / init_zero / init_attn: weight_init kwargs of the convs / branch ends / qkv
+        super().__init__()
         init, init_zero, init_attn = init or {}, init_zero or {}, init_attn or init or {}
         self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         # heads: one (DDPM++), or one per channels_per_head channels (ADM; none if out_channels < channels_per_head)
-        self.num_heads = (out_channels // channels_per_head if channels_per_head else 1) if attention else 0
+        self.num_heads = (out_channels //
+                          channels_per_head if channels_per_head else 1) if attention else 0
         resample = dict(up=up, down=down, resample_filter=resample_filter)
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, kernel=3, **resample, **init)
-        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)  # A e or [s, b]
+        # A e or [s, b]
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
-        kernel = 1 if resample_proj or out_channels != in_channels else 0  # 0: ADM only resamples the skip path
+        # 0: ADM only resamples the skip path
+        kernel = 1 if resample_proj or out_channels != in_channels else 0
         self.skip = (Conv2d(in_channels, out_channels, kernel, **resample, **init)
                      if out_channels != in_channels or up or down else None)
         if self.num_heads:
@@ -141,35 +168,45 @@ class UNetBlock(torch.nn.Module):
             x = silu(shift + self.norm1(x) * (scale + 1))
         else: x = silu(self.norm1(x + params))  # DDPM++: GN(h + A e)
         x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
-        x = (x + (orig if self.skip is None else self.skip(orig))) * self.skip_scale  # Eq. arch-block
+        # Eq. arch-block
+        x = (x + (orig if self.skip is None else self.skip(orig))) * self.skip_scale
         if self.num_heads:  # the official qkv channel layout: (head, channel, q/k/v)
             N, C, H, W = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(N, self.num_heads, C // self.num_heads, 3, H * W).unbind(3)
-            x = (self.proj(attention(q, k, v).reshape(N, C, H, W)) + x) * self.skip_scale  # Eq. arch-attention
+            q, k, v = self.qkv(self.norm2(x)).reshape(N, self.num_heads, C // self.num_heads, 3,
+                                                      H * W).unbind(3)
+            # Eq. arch-attention
+            x = (self.proj(attention(q, k, v).reshape(N, C, H, W)) + x) * self.skip_scale
         return x
 
 # %% ../notebooks/07_architectures.ipynb #f294b9ff
 class PositionalEmbedding(torch.nn.Module):
-    """Sinusoids [cos(w_k t), sin(w_k t)], w_k = (1/max_positions)^(k / (C/2 - endpoint)), k = 0 .. C/2 - 1.
-    Eq. arch-positional (DDPM++: endpoint=True); the official `PositionalEmbedding`. Derived in chapter 7."""
+    """Sinusoids [cos(w_k t), sin(w_k t)], w_k = (1/max_positions)^(k / (C/2 - endpoint)), k = 0 ..
+    C/2 - 1.
+    Eq. arch-positional (DDPM++: endpoint=True); the official `PositionalEmbedding`. Derived in
+    chapter 7."""
     def __init__(self, num_channels, max_positions=10000, endpoint=False):
         super().__init__()
-        if num_channels % 2 or num_channels < 4: raise ValueError(f'num_channels must be even, >= 4: {num_channels}')
+        if num_channels % 2 or num_channels < 4:
+            raise ValueError(f'num_channels must be even, >= 4: {num_channels}')
         self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x):
         k = torch.arange(self.num_channels // 2, dtype=torch.float32, device=x.device)
-        freqs = (1 / self.max_positions) ** (k / (self.num_channels // 2 - (1 if self.endpoint else 0)))
+        freqs = (1 / self.max_positions)**(k / (self.num_channels // 2 -
+                                                (1 if self.endpoint else 0)))
         x = torch.outer(x, freqs.to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
 class FourierEmbedding(torch.nn.Module):
-    """Random Fourier features [cos(2 pi b_k t), sin(2 pi b_k t)] with fixed b_k ~ N(0, scale^2), a buffer.
-    Eq. arch-fourier (NCSN++, after Tancik et al.); the official `FourierEmbedding`. Derived in chapter 7."""
+    """Random Fourier features [cos(2 pi b_k t), sin(2 pi b_k t)] with fixed b_k ~ N(0, scale^2), a
+    buffer.
+    Eq. arch-fourier (NCSN++, after Tancik et al.); the official `FourierEmbedding`. Derived in
+    chapter 7."""
     def __init__(self, num_channels, scale=16):
         super().__init__()
-        if num_channels < 2 or num_channels % 2: raise ValueError(f'num_channels must be even, got {num_channels}')
+        if num_channels < 2 or num_channels % 2:
+            raise ValueError(f'num_channels must be even, got {num_channels}')
         self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
 
     def forward(self, x):
@@ -178,42 +215,55 @@ class FourierEmbedding(torch.nn.Module):
 
 # %% ../notebooks/07_architectures.ipynb #3cd59d05
 class _UNet(torch.nn.Module):
-    """The skeleton that SongUNet and DhariwalUNet share: checked sizes, the encoder / decoder tree under the
-    official module names, the input checks and the pass with skip connections. Derived in chapter 7."""
+    """The skeleton that SongUNet and DhariwalUNet share: checked sizes, the encoder / decoder tree
+    under the official module names, the input checks and the pass with skip connections. Derived in
+    chapter 7."""
     def __init__(self, config):
         super().__init__()
-        self.config = {k: v for k, v in config.items() if k not in ('self', '__class__')}  # JSON-able kwargs
-        for name in ('img_resolution', 'in_channels', 'out_channels', 'label_dim', 'augment_dim', 'label_dropout'):
+        # JSON-able kwargs
+        self.config = {k: v for k, v in config.items() if k not in ('self', '__class__')}
+        for name in ('img_resolution', 'in_channels', 'out_channels', 'label_dim', 'augment_dim',
+                     'label_dropout'):
             setattr(self, name, config[name])
         res, mult, dropout = self.img_resolution, config['channel_mult'], config['dropout']
         if len(mult) < 1 or res < 1 or res % 2 ** (len(mult) - 1):
-            raise ValueError(f'img_resolution={res} must be divisible by 2^(len(channel_mult) - 1) for '
-                             f'channel_mult={mult}')
+            raise ValueError(
+                f'img_resolution={res} must be divisible by 2^(len(channel_mult) - 1) for '
+                f'channel_mult={mult}')
         if not (0 <= dropout < 1 and 0 <= self.label_dropout <= 1):
-            raise ValueError(f'dropout={dropout} must be in [0, 1) and label_dropout={self.label_dropout} in [0, 1]')
+            raise ValueError(
+                f'dropout={dropout} must be in [0, 1) and label_dropout={self.label_dropout} in [0, 1]'
+            )
         self.num_levels = len(mult)
 
-    def _build(self, stem, channels, num_blocks, attn_resolutions, block, attn_dec_all=False, residual=None):
-        """Build enc / dec (level l: img_resolution / 2^l, channels[l]); attn_dec_all: attention in every decoder
-        block at attn_resolutions (ADM), not only the last (DDPM++). Returns the last channels. Derived in chapter 7."""
+    def _build(self, stem, channels, num_blocks, attn_resolutions, block, attn_dec_all=False,
+               residual=None):
+        """Build enc / dec (level l: img_resolution / 2^l, channels[l]); attn_dec_all: attention in
+        every decoder block at attn_resolutions (ADM), not only the last (DDPM++). Returns the last
+        channels. Derived in chapter 7."""
         self.enc, self.dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
         cout = caux = self.in_channels
         for level, ch in enumerate(channels):
             res = self.img_resolution >> level
             if level == 0:
-                self.enc[f'{res}x{res}_conv'], cout = Conv2d(cout, stem, kernel=3, **block['init']), stem
+                self.enc[f'{res}x{res}_conv'], cout = Conv2d(cout, stem, kernel=3,
+                                                             **block['init']), stem
             else:
                 self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block)
                 if residual:  # NCSN++: a strided conv of the previous level, averaged in
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True, **residual)
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True,
+                                                                   **residual)
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, ch
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res
+                                                                in attn_resolutions, **block)
         skips = [b.out_channels for name, b in self.enc.items() if 'aux' not in name]
-        for level, ch in reversed(list(enumerate(channels))):  # the mirror image, each block fed one skip
+        # the mirror image, each block fed one skip
+        for level, ch in reversed(list(enumerate(channels))):
             res = self.img_resolution >> level
-            if level == len(channels) - 1:  # the bottleneck: a block with attention, then a plain one
+            # the bottleneck: a block with attention, then a plain one
+            if level == len(channels) - 1:
                 self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block)
                 self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block)
             else:
@@ -225,25 +275,34 @@ class _UNet(torch.nn.Module):
         return cout
 
     def _check_inputs(self, x, noise_labels, class_labels, augment_labels):
-        """Validate F's inputs; class labels None -> zeros; label dropout in training. Derived in chapter 7."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels or any(s % 2 ** (self.num_levels - 1) for s in x.shape[2:]):
-            raise ValueError(f'x must have shape (N, {self.in_channels}, H, W) with H and W divisible by '
-                             f'{2 ** (self.num_levels - 1)}, got {tuple(x.shape)}')
+        """Validate F's inputs; class labels None -> zeros; label dropout in training. Derived in
+        chapter 7."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels or any(s % 2**(self.num_levels - 1)
+                                                                for s in x.shape[2:]):
+            raise ValueError(
+                f'x must have shape (N, {self.in_channels}, H, W) with H and W divisible by '
+                f'{2 ** (self.num_levels - 1)}, got {tuple(x.shape)}')
         N, noise_labels = x.shape[0], torch.as_tensor(noise_labels, device=x.device).reshape(-1)
         if len(noise_labels) not in (1, N):
             raise ValueError(f'noise_labels must hold 1 or {N} values, got {len(noise_labels)}')
-        for name, lab, dim in (('label', class_labels, self.label_dim), ('augment', augment_labels, self.augment_dim)):
-            if lab is not None and (dim == 0 or lab.ndim != 2 or lab.shape[1] != dim or lab.shape[0] not in (1, N)):
-                raise ValueError(f'{"class" if name == "label" else name}_labels must have shape ({N}, {dim}) or '
-                                 f'(1, {dim}) for this network ({name}_dim={dim}), got {tuple(lab.shape)}')
-        if self.label_dim and class_labels is None: class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        if class_labels is not None and self.training and self.label_dropout:  # for classifier-free guidance
+        for name, lab, dim in (('label', class_labels, self.label_dim), ('augment', augment_labels,
+                                                                         self.augment_dim)):
+            if lab is not None and (dim == 0 or lab.ndim != 2 or lab.shape[1] != dim
+                                    or lab.shape[0] not in (1, N)):
+                raise ValueError(
+                    f'{"class" if name == "label" else name}_labels must have shape ({N}, {dim}) or '
+                    f'(1, {dim}) for this network ({name}_dim={dim}), got {tuple(lab.shape)}')
+        if self.label_dim and class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        # for classifier-free guidance
+        if class_labels is not None and self.training and self.label_dropout:
             keep = torch.rand([N, 1], device=x.device) >= self.label_dropout
             class_labels = class_labels * keep.to(class_labels.dtype)
         return noise_labels, class_labels, augment_labels
 
     def _run(self, x, emb):
-        """Encoder, then decoder: every encoder output is kept for one decoder block. Derived in chapter 7."""
+        """Encoder, then decoder: every encoder output is kept for one decoder block. Derived in
+        chapter 7."""
         skips, aux = [], x
         for name, block in self.enc.items():
             if 'aux_residual' in name: x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
@@ -251,109 +310,136 @@ class _UNet(torch.nn.Module):
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
         for block in self.dec.values():
-            if not isinstance(block, UNetBlock): continue  # SongUNet's output layers: its forward applies them
-            if x.shape[1] != block.in_channels: x = torch.cat([x, skips.pop()], dim=1)  # the skip connection
+            # SongUNet's output layers: its forward applies them
+            if not isinstance(block, UNetBlock): continue
+            # the skip connection
+            if x.shape[1] != block.in_channels: x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
         return x
 
 # %% ../notebooks/07_architectures.ipynb #cbaf922d
 class SongUNet(_UNet):
-    """The DDPM++ / NCSN++ U-Net of Song et al. (2021) as in the official EDM code: F(x, noise_labels, ...).
-    F_theta of Eq. arch-precond (paper Eq. 7); Eqs. arch-embedding, arch-block. Derived in chapter 7."""
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
-                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
-                 label_dropout=0, embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
+    """The DDPM++ / NCSN++ U-Net of Song et al. (2021) as in the official EDM code: F(x,
+    noise_labels, ...). F_theta of Eq. arch-precond (paper Eq. 7); Eqs. arch-embedding, arch-block.
+    Derived in chapter 7."""
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
+                 attn_resolutions=(16, ), dropout=0.10, label_dropout=0,
+                 embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
                  decoder_type='standard', resample_filter=(1, 1)):
         super().__init__(locals())
         for name, value, choices in (('embedding_type', embedding_type, ('positional', 'fourier')),
                                      ('encoder_type', encoder_type, ('standard', 'residual')),
                                      ('decoder_type', decoder_type, ('standard',))):
-            if value not in choices: raise ValueError(f'unknown {name} {value!r}; expected one of {choices}')
+            if value not in choices:
+                raise ValueError(f'unknown {name} {value!r}; expected one of {choices}')
         emb_channels, noise_channels = model_channels * channel_mult_emb, model_channels * channel_mult_noise
-        init, init_zero = dict(init_mode='xavier_uniform'), dict(init_mode='xavier_uniform', init_weight=1e-5)
-        block = dict(emb_channels=emb_channels, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                     resample_filter=resample_filter, init=init, init_zero=init_zero,
+        init, init_zero = dict(init_mode='xavier_uniform'), dict(init_mode='xavier_uniform',
+                                                                 init_weight=1e-5)
+        block = dict(emb_channels=emb_channels, dropout=dropout, skip_scale=math.sqrt(0.5),
+                     eps=1e-6, resample_filter=resample_filter, init=init, init_zero=init_zero,
                      init_attn=dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2)))
         # Mapping network (Eq. arch-embedding)
-        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == 'positional'
-                          else FourierEmbedding(noise_channels))
+        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True)
+                          if embedding_type == 'positional' else FourierEmbedding(noise_channels))
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **
+                                  init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         # Encoder and decoder (module names as in the official checkpoints), then the output layer
-        residual = dict(fused_resample=True, resample_filter=resample_filter, **init)  # NCSN++ encoder only
-        cout = self._build(model_channels, [model_channels * m for m in channel_mult], num_blocks, attn_resolutions,
-                           block, residual=residual if encoder_type == 'residual' else None)
+        # NCSN++ encoder only
+        residual = dict(fused_resample=True, resample_filter=resample_filter, **init)
+        cout = self._build(model_channels, [model_channels * m for m in channel_mult], num_blocks,
+                           attn_resolutions, block,
+                           residual=residual if encoder_type == 'residual' else None)
         self.dec[f'{img_resolution}x{img_resolution}_aux_norm'] = GroupNorm(cout, eps=1e-6)
-        self.dec[f'{img_resolution}x{img_resolution}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        self.dec[f'{img_resolution}x{img_resolution}_aux_conv'] = Conv2d(
+            cout, out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        noise_labels, class_labels, augment_labels = self._check_inputs(x, noise_labels, class_labels, augment_labels)
+        noise_labels, class_labels, augment_labels = self._check_inputs(
+            x, noise_labels, class_labels, augment_labels)
         emb = self.map_noise(noise_labels)
         emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1)  # [sin, cos] order, as Song et al.
-        if self.map_label is not None: emb = emb + self.map_label(class_labels * math.sqrt(self.label_dim))
-        if augment_labels is not None: emb = emb + self.map_augment(augment_labels)  # Sec. 5: non-leaky augmentation
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.label_dim))
+        # Sec. 5: non-leaky augmentation
+        if augment_labels is not None: emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer1(silu(self.map_layer0(emb))))  # Eq. arch-embedding
         out = f'{self.img_resolution}x{self.img_resolution}_aux_'
         return self.dec[out + 'conv'](silu(self.dec[out + 'norm'](self._run(x, emb))))
 
 # %% ../notebooks/07_architectures.ipynb #3b361633
 class DhariwalUNet(_UNet):
-    """The ADM U-Net of Dhariwal & Nichol (2021) as in the official EDM code (ImageNet-64): F(x, noise_labels, ...).
-    F_theta of Eq. arch-precond; Eqs. arch-adm-embedding, arch-adaptive, arch-attention. Derived in chapter 7."""
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
-                 channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8),
-                 dropout=0.10, label_dropout=0):
+    """The ADM U-Net of Dhariwal & Nichol (2021) as in the official EDM code (ImageNet-64): F(x,
+    noise_labels, ...). F_theta of Eq. arch-precond; Eqs. arch-adm-embedding, arch-adaptive,
+    arch-attention. Derived in chapter 7."""
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+                 attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0):
         super().__init__(locals())
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
-        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)  # branch ends start at exactly 0
-        block = dict(emb_channels=emb_channels, dropout=dropout, channels_per_head=64, resample_proj=False,
-                     adaptive_scale=True, init=init, init_zero=init_zero)
+        init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3),
+                    init_bias=math.sqrt(1 / 3))
+        # branch ends start at exactly 0
+        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block = dict(emb_channels=emb_channels, dropout=dropout, channels_per_head=64,
+                     resample_proj=False, adaptive_scale=True, init=init, init_zero=init_zero)
         # Mapping network (Eq. arch-adm-embedding), built in the official order: one seed, the official weights
         self.map_noise = PositionalEmbedding(model_channels)  # endpoint=False, [cos, sin] order
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **
+                                  init_zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
-                                 init_weight=math.sqrt(label_dim)) if label_dim else None)  # W_y ~ N(0, 1)
+                                 # W_y ~ N(0, 1)
+                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
         channels = [model_channels * m for m in channel_mult]
-        cout = self._build(channels[0], channels, num_blocks, attn_resolutions, block, attn_dec_all=True)
+        cout = self._build(channels[0], channels, num_blocks, attn_resolutions, block,
+                           attn_dec_all=True)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        noise_labels, class_labels, augment_labels = self._check_inputs(x, noise_labels, class_labels, augment_labels)
+        noise_labels, class_labels, augment_labels = self._check_inputs(
+            x, noise_labels, class_labels, augment_labels)
         emb = self.map_noise(noise_labels)
         if augment_labels is not None: emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(silu(self.map_layer0(emb)))
-        if self.map_label is not None: emb = emb + self.map_label(class_labels)  # the class joins after the MLP
+        # the class joins after the MLP
+        if self.map_label is not None: emb = emb + self.map_label(class_labels)
         emb = silu(emb)  # Eq. arch-adm-embedding
         return self.out_conv(silu(self.out_norm(self._run(x, emb))))
 
 # %% ../notebooks/07_architectures.ipynb #21c055f2
-DDPMPP = dict(embedding_type='positional', encoder_type='standard', decoder_type='standard', channel_mult_noise=1,
-              resample_filter=(1, 1))
-NCSNPP = dict(embedding_type='fourier', encoder_type='residual', decoder_type='standard', channel_mult_noise=2,
-              resample_filter=(1, 3, 3, 1))
-CIFAR10 = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=(2, 2, 2),
-               num_blocks=4, attn_resolutions=(16,), augment_dim=9, dropout=0.13)
-PRESETS = {  # the official train.py --arch=ddpmpp / ncsnpp on CIFAR-10, --arch=adm on ImageNet-64, two small ones
+DDPMPP = dict(embedding_type='positional', encoder_type='standard', decoder_type='standard',
+              channel_mult_noise=1, resample_filter=(1, 1))
+NCSNPP = dict(embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+              channel_mult_noise=2, resample_filter=(1, 3, 3, 1))
+CIFAR10 = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128,
+               channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16, ), augment_dim=9,
+               dropout=0.13)
+# the official train.py --arch=ddpmpp / ncsnpp on CIFAR-10, --arch=adm on ImageNet-64, two small
+# ones
+PRESETS = {
     'ddpmpp-cifar10': {**CIFAR10, **DDPMPP},
     'ncsnpp-cifar10': {**CIFAR10, **NCSNPP},
-    'adm-imagenet64': dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000, model_channels=192,
-                           channel_mult=(1, 2, 3, 4)),
-    'ddpmpp-fashion-mnist': dict(img_resolution=32, in_channels=1, out_channels=1, model_channels=64,
-                                 channel_mult=(1, 2, 2), num_blocks=2, augment_dim=9, **DDPMPP),
-    'ddpmpp-small': dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2),
-                         num_blocks=2, dropout=0.0, **DDPMPP),
+    'adm-imagenet64': dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000,
+                           model_channels=192, channel_mult=(1, 2, 3, 4)),
+    'ddpmpp-fashion-mnist': dict(img_resolution=32, in_channels=1, out_channels=1,
+                                 model_channels=64, channel_mult=(1, 2, 2), num_blocks=2,
+                                 augment_dim=9, **DDPMPP),
+    'ddpmpp-small': dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=32,
+                         channel_mult=(1, 2, 2), num_blocks=2, dropout=0.0, **DDPMPP),
 }
 PRESET_CLASSES = {'adm-imagenet64': DhariwalUNet}  # presets whose network is not a SongUNet
 
 
 def make_network(preset, **overrides):
-    """Build the network of a named preset in `PRESETS` (a SongUNet unless `PRESET_CLASSES` names another class),
-    with keyword overrides (e.g. label_dim=10). The paper's setups (train.py --arch). Derived in chapter 7."""
-    if preset not in PRESETS: raise ValueError(f'unknown preset {preset!r}; expected one of {tuple(PRESETS)}')
+    """Build the network of a named preset in `PRESETS` (a SongUNet unless `PRESET_CLASSES` names
+    another class), with keyword overrides (e.g. label_dim=10). The paper's setups (train.py
+    --arch). Derived in chapter 7."""
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}; expected one of {tuple(PRESETS)}')
     return PRESET_CLASSES.get(preset, SongUNet)(**{**PRESETS[preset], **overrides})

@@ -22,27 +22,30 @@ def exp_to_std(gamma: float) -> float:
     Karras et al. (2024, EDM2), Eq. eq-phema-sigma-rel. Derived in chapter 14.
     """
     g = float(gamma)
-    if not g > -1 or not math.isfinite(g): raise ValueError(f'gamma must be a finite number > -1, got {gamma!r}')
+    if not g > -1 or not math.isfinite(g):
+        raise ValueError(f'gamma must be a finite number > -1, got {gamma!r}')
     return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))  # Eq. eq-phema-sigma-rel
 
 
 def std_to_exp(sigma_rel: float) -> float:
-    """The exponent gamma >= 0 whose profile has width sigma_rel in (0, 1/sqrt(12)]: the largest real root of
-    gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s), s = sigma_rel^-2.
+    """The exponent gamma >= 0 whose profile has width sigma_rel in (0, 1/sqrt(12)]: the largest
+    real root of gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s), s = sigma_rel^-2.
 
     Karras et al. (2024, EDM2), Eq. eq-phema-sigma-rel inverted. Derived in chapter 14.
     """
     s_rel = float(sigma_rel)
     if not 0 < s_rel <= UNIFORM_SIGMA_REL:
-        raise ValueError(f'sigma_rel must be in (0, {UNIFORM_SIGMA_REL:.6f}] (1/sqrt(12): the uniform average), '
-                         f'got {sigma_rel!r}')
+        raise ValueError(
+            f'sigma_rel must be in (0, {UNIFORM_SIGMA_REL:.6f}] (1/sqrt(12): the uniform average), '
+            f'got {sigma_rel!r}')
     s = s_rel ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
     return max(0.0, float(roots[np.abs(roots.imag) < 1e-9].real.max()))
 
 # %% ../notebooks/14_phema.ipynb #07991aff
 def power_ema_beta(t: int, gamma: float) -> float:
-    """EMA decay after step t >= 1 that tracks the power-function profile exactly: (1 - 1/t)^(gamma + 1).
+    """EMA decay after step t >= 1 that tracks the power-function profile exactly: (1 - 1/t)^(gamma
+    + 1).
 
     Karras et al. (2024, EDM2), Eq. eq-phema-beta. Derived in chapter 14.
     """
@@ -53,14 +56,16 @@ def power_ema_beta(t: int, gamma: float) -> float:
 class PowerEMA:
     """Power-function EMAs of a set of tensors, one per sigma_rel (EDM2 keeps 0.05 and 0.10).
 
-    `update(tensors)` after every optimizer step; `averages[i]` is the average of width sigma_rels[i]; the step
-    count `t` and the averages are the whole state. Karras et al. (2024, EDM2), Eq. eq-phema-beta.
+    `update(tensors)` after every optimizer step; `averages[i]` is the average of width
+    sigma_rels[i]; the step count `t` and the averages are the whole state. Karras et al. (2024,
+    EDM2), Eq. eq-phema-beta.
     Derived in chapter 14.
     """
     def __init__(self, tensors: dict, sigma_rels=(0.05, 0.10), t: int = 0):
         self.sigma_rels = tuple(float(s) for s in sigma_rels)
         self.gammas = tuple(std_to_exp(s) for s in self.sigma_rels)
-        self.averages = [{k: v.detach().clone() for k, v in tensors.items()} for _ in self.sigma_rels]
+        self.averages = [{k: v.detach().clone()
+                          for k, v in tensors.items()} for _ in self.sigma_rels]
         self.t = int(t)
 
     @torch.no_grad()
@@ -72,34 +77,42 @@ class PowerEMA:
 
 # %% ../notebooks/14_phema.ipynb #47f232fe
 def profile_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float:
-    """<p_{t_a,gamma_a}, p_{t_b,gamma_b}>: the L2 inner product of two power-function profiles (times > 0).
+    """<p_{t_a,gamma_a}, p_{t_b,gamma_b}>: the L2 inner product of two power-function profiles
+    (times > 0).
 
     Karras et al. (2024, EDM2), Eq. eq-phema-inner. Derived in chapter 14.
     """
-    if not (t_a > 0 and t_b > 0): raise ValueError(f'profile times must be > 0, got {t_a!r} and {t_b!r}')
+    if not (t_a > 0 and t_b > 0):
+        raise ValueError(f'profile times must be > 0, got {t_a!r} and {t_b!r}')
     scale = (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1)
-    if t_a <= t_b: return scale * (t_a / t_b) ** gamma_b / t_b  # Eq. eq-phema-inner, as a ratio (no overflow)
+    # Eq. eq-phema-inner, as a ratio (no overflow)
+    if t_a <= t_b: return scale * (t_a / t_b) ** gamma_b / t_b
     return scale * (t_b / t_a) ** gamma_a / t_a
 
 
-def solve_phema(t_in, sigma_rel_in, t_out: float, sigma_rel_out: float, normalize: bool = True) -> np.ndarray:
-    """Coefficients x of stored averages (times t_in, widths sigma_rel_in) whose combination best matches the profile
-    (t_out, sigma_rel_out) in L2; normalized to sum 1 as the official code does (normalize=False: the raw solve).
+def solve_phema(t_in, sigma_rel_in, t_out: float, sigma_rel_out: float,
+                normalize: bool = True) -> np.ndarray:
+    """Coefficients x of stored averages (times t_in, widths sigma_rel_in) whose combination best
+    matches the profile (t_out, sigma_rel_out) in L2; normalized to sum 1 as the official code does
+    (normalize=False: the raw solve).
 
     Karras et al. (2024, EDM2), Eq. eq-phema-lsq. Derived in chapter 14.
     """
     g_in = [std_to_exp(s) for s in sigma_rel_in]
-    if len(g_in) != len(t_in) or not g_in: raise ValueError('t_in and sigma_rel_in must be equal, non-empty lists')
+    if len(g_in) != len(t_in) or not g_in:
+        raise ValueError('t_in and sigma_rel_in must be equal, non-empty lists')
     g_out = std_to_exp(sigma_rel_out)
-    A = np.array([[profile_inner(ta, ga, tb, gb) for tb, gb in zip(t_in, g_in)] for ta, ga in zip(t_in, g_in)])
+    A = np.array([[profile_inner(ta, ga, tb, gb) for tb, gb in zip(t_in, g_in)]
+                  for ta, ga in zip(t_in, g_in)])
     b = np.array([profile_inner(ta, ga, t_out, g_out) for ta, ga in zip(t_in, g_in)])
     x = np.linalg.solve(A, b)  # Eq. eq-phema-lsq, float64
     return x / x.sum() if normalize else x
 
 
 def reconstruct(snapshots: list, t_out: float, sigma_rel_out: float) -> dict:
-    """The average of width sigma_rel_out at time t_out from stored snapshots [(t, sigma_rel, tensors), ...] with
-    0 < t <= t_out: the linear combination of eq-phema-lsq, accumulated in float64.
+    """The average of width sigma_rel_out at time t_out from stored snapshots [(t, sigma_rel,
+    tensors), ...] with 0 < t <= t_out: the linear combination of eq-phema-lsq, accumulated in
+    float64.
 
     Karras et al. (2024, EDM2), Sec. 3. Derived in chapter 14.
     """

@@ -15,25 +15,30 @@ __all__ = ['batch_shape', 'per_sample', 'as_sigma', 'effective_target', 'Precond
 
 # %% ../notebooks/05_preconditioning.ipynb #86d0ed26
 def batch_shape(x: torch.Tensor) -> tuple:
-    """The shape (N, 1, ..., 1) that puts one value per sample against a batch `x` of shape (N, ...).
+    """The shape (N, 1, ..., 1) that puts one value per sample against a batch `x` of shape (N,
+    ...).
 
     Eq. 7 applies c_skip, c_out, c_in per sample.
     Derived in chapter 5.
     """
-    if x.ndim < 2: raise ValueError(f'expected a batch of shape (N, ...) with at least 2 dims, got {tuple(x.shape)}')
+    if x.ndim < 2:
+        raise ValueError(
+            f'expected a batch of shape (N, ...) with at least 2 dims, got {tuple(x.shape)}')
     return (x.shape[0],) + (1,) * (x.ndim - 1)
 
 
 def per_sample(value, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample scalar such as σ (a number, a 0-d tensor or N values) as an (N, 1, ..., 1) tensor like `x`.
+    """A per-sample scalar such as σ (a number, a 0-d tensor or N values) as an (N, 1, ..., 1)
+    tensor like `x`.
 
     Eq. 7: one noise level per sample; the result has the device and dtype of the batch `x`.
     Derived in chapter 5.
     """
     value = torch.as_tensor(value, device=x.device).to(x.dtype).reshape(-1)
     if value.numel() not in (1, x.shape[0]):
-        raise ValueError(f'got {value.numel()} values (sigma or another per-sample scalar) for a batch of '
-                         f'{x.shape[0]} samples; expected 1 or {x.shape[0]}')
+        raise ValueError(
+            f'got {value.numel()} values (sigma or another per-sample scalar) for a batch of '
+            f'{x.shape[0]} samples; expected 1 or {x.shape[0]}')
     return value.expand(x.shape[0]).reshape(batch_shape(x))
 
 
@@ -44,7 +49,8 @@ def as_sigma(sigma) -> torch.Tensor:
     Derived in chapter 5.
     """
     if not isinstance(sigma, torch.Tensor): sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    if not bool((sigma > 0).all()): raise ValueError(f'sigma must be > 0, got a minimum of {sigma.min().item()}')
+    if not bool((sigma > 0).all()):
+        raise ValueError(f'sigma must be > 0, got a minimum of {sigma.min().item()}')
     return sigma
 
 
@@ -60,9 +66,10 @@ def effective_target(y: torch.Tensor, n: torch.Tensor, c_skip, c_out) -> torch.T
 class Precond(torch.nn.Module):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise) around an inner network F = `model`.
 
-    Eq. 7; a subclass is one column of Table 1 and supplies `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`.
-    `model` is called as in the official code: `model(x_in, noise_labels, class_labels=..., augment_labels=...)`,
-    at float32 (float16 on CUDA when `use_fp16`); D_x comes back as float32.
+    Eq. 7; a subclass is one column of Table 1 and supplies `coefficients(sigma) -> (c_skip, c_out,
+    c_in, c_noise)`. `model` is called as in the official code: `model(x_in, noise_labels,
+    class_labels=..., augment_labels=...)`, at float32 (float16 on CUDA when `use_fp16`); D_x comes
+    back as float32.
     Derived in chapter 5.
     """
     sigma_min, sigma_max, sigma_data = 0.0, float('inf'), None
@@ -77,8 +84,9 @@ class Precond(torch.nn.Module):
         return torch.as_tensor(sigma)
 
     def class_labels_for(self, class_labels, x: torch.Tensor):
-        """Labels as float32 rows of length label_dim (zeros when none are given); None when unconditional.
-        Integer classes of shape (N,) become one-hot rows (the official code expects the rows)."""
+        """Labels as float32 rows of length label_dim (zeros when none are given); None when
+        unconditional. Integer classes of shape (N,) become one-hot rows (the official code expects
+        the rows)."""
         if self.label_dim == 0: return None
         if class_labels is None: return torch.zeros([1, self.label_dim], device=x.device)
         return class_label_rows(class_labels, self.label_dim, len(x)).to(x.device)
@@ -89,9 +97,11 @@ class Precond(torch.nn.Module):
         sigma = per_sample(sigma, x)
         dtype = torch.float16 if self.use_fp16 and not force_fp32 and x.device.type == 'cuda' else torch.float32
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)  # Table 1, one column
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=self.class_labels_for(class_labels, x),
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(),
+                         class_labels=self.class_labels_for(class_labels, x),
                          augment_labels=augment_labels)  # Eq. 7: F_θ(c_in x; c_noise)
-        return c_skip * x + c_out * F_x[:, :x.shape[1]].to(torch.float32)  # Eq. 7 (iDDPM's extra channels dropped)
+        # Eq. 7 (iDDPM's extra channels dropped)
+        return c_skip * x + c_out * F_x[:, :x.shape[1]].to(torch.float32)
 
 # %% ../notebooks/05_preconditioning.ipynb #50a390d8
 def edm_coefficients(sigma, sigma_data: float = 0.5):
@@ -109,12 +119,14 @@ def edm_coefficients(sigma, sigma_data: float = 0.5):
 
 
 class EDMPrecond(Precond):
-    """The EDM preconditioning around `model`; any σ > 0 is accepted (sigma_min = 0, sigma_max = inf).
+    """The EDM preconditioning around `model`; any σ > 0 is accepted (sigma_min = 0, sigma_max =
+    inf).
 
     Table 1, column "EDM (ours)"; Eq. 7.
     Derived in chapter 5.
     """
-    def __init__(self, model, label_dim=0, use_fp16=False, sigma_min=0.0, sigma_max=float('inf'), sigma_data=0.5):
+    def __init__(self, model, label_dim=0, use_fp16=False, sigma_min=0.0, sigma_max=float('inf'),
+                 sigma_data=0.5):
         super().__init__(model, label_dim, use_fp16)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data = check_positive('sigma_data', sigma_data)
@@ -131,7 +143,8 @@ def eps_coefficients(sigma):
     Derived in chapter 5.
     """
     sigma = as_sigma(sigma)
-    return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt()  # Table 1: c_skip, c_out, c_in
+    # Table 1: c_skip, c_out, c_in
+    return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt()
 
 
 def vp_coefficients(sigma, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000):
@@ -161,12 +174,14 @@ def nearest_index(sigma: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     Table 1, column "iDDPM" (c_noise and round_sigma).
     Derived in chapter 5.
     """
-    distance = (sigma.reshape(-1, 1).to(torch.float64) - grid.to(sigma.device, torch.float64).reshape(1, -1)).abs()
+    distance = (sigma.reshape(-1, 1).to(torch.float64) -
+                grid.to(sigma.device, torch.float64).reshape(1, -1)).abs()
     return distance.argmin(dim=1).reshape(sigma.shape)
 
 
 def round_to_grid(sigma, grid: torch.Tensor, return_index: bool = False):
-    """σ snapped to the nearest value of `grid` (or that value's index), in σ's dtype and on its device.
+    """σ snapped to the nearest value of `grid` (or that value's index), in σ's dtype and on its
+    device.
 
     Table 1, column "iDDPM": a network trained on a discrete set of noise levels only knows those.
     Derived in chapter 5.
@@ -177,7 +192,8 @@ def round_to_grid(sigma, grid: torch.Tensor, return_index: bool = False):
 
 
 def iddpm_coefficients(sigma, u: torch.Tensor):
-    """c_skip, c_out, c_in, c_noise of iDDPM: ε-prediction with c_noise = M − 1 − arg min_j |u_j − σ|.
+    """c_skip, c_out, c_in, c_noise of iDDPM: ε-prediction with c_noise = M − 1 − arg min_j |u_j −
+    σ|.
 
     Table 1, column "iDDPM"; `u` is the grid of `edm_lit.schedules.iddpm_u` (M = len(u) − 1).
     Derived in chapter 5.
@@ -195,11 +211,13 @@ class VPPrecond(Precond):
     """
     sigma_data = 1.0  # c_in = 1/√(σ² + 1) is eq-precond-cin with σ_data = 1
 
-    def __init__(self, model, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5):
+    def __init__(self, model, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000,
+                 epsilon_t=1e-5):
         super().__init__(model, label_dim, use_fp16)
         self.beta_d, self.epsilon_t, self.beta_min, self.M = check_positive('beta_d', beta_d), \
             check_positive('epsilon_t', epsilon_t), float(beta_min), int(M)
-        self.sigma_min = float(vp_sigma(self.epsilon_t, beta_d, beta_min))  # σ(ε_t), computed in float64
+        # σ(ε_t), computed in float64
+        self.sigma_min = float(vp_sigma(self.epsilon_t, beta_d, beta_min))
         self.sigma_max = float(vp_sigma(1.0, beta_d, beta_min))             # σ(1)
 
     def coefficients(self, sigma):
@@ -208,7 +226,8 @@ class VPPrecond(Precond):
 
 
 class VEPrecond(Precond):
-    """The VE preconditioning around `model`, for σ in [0.02, 100] by default; sigma_data is None (c_in = 1).
+    """The VE preconditioning around `model`, for σ in [0.02, 100] by default; sigma_data is None
+    (c_in = 1).
 
     Table 1, column "VE".
     Derived in chapter 5.
@@ -225,7 +244,8 @@ class VEPrecond(Precond):
 
 
 class iDDPMPrecond(Precond):
-    """The iDDPM preconditioning around `model`: σ snapped to the grid u_j of its M = 1000 training noise levels.
+    """The iDDPM preconditioning around `model`: σ snapped to the grid u_j of its M = 1000 training
+    noise levels.
 
     Table 1, column "iDDPM"; the official constants C_1 = 0.001, C_2 = 0.008, M = 1000.
     Derived in chapter 5.
@@ -243,5 +263,6 @@ class iDDPMPrecond(Precond):
         return iddpm_coefficients(sigma, self.u)
 
     def round_sigma(self, sigma, return_index=False):
-        """The grid value u_j nearest to σ (or its index j): the only σ this network was trained on."""
+        """The grid value u_j nearest to σ (or its index j): the only σ this network was trained
+        on."""
         return round_to_grid(sigma, self.u, return_index)

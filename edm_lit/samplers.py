@@ -47,13 +47,15 @@ def euler_step(derivative, x_cur, t_cur, t_next):
 def heun_step(derivative, x_cur, t_cur, t_next, alpha=1):
     """One step of the 2nd-order rule with look-ahead alpha (alpha = 1: Heun's trapezoidal rule).
 
-    Paper: Alg. 1, lines 4-8; the general alpha family of App. D.2 and the official `ablation_sampler`.
+    Paper: Alg. 1, lines 4-8; the general alpha family of App. D.2 and the official
+    `ablation_sampler`.
     Derived in chapter 3.
     """
     h = t_next - t_cur
     d_cur = derivative(x_cur, t_cur)  # Alg. 1, line 4
     x_prime = x_cur + alpha * h * d_cur  # Alg. 1, line 5 (a step of alpha * h)
-    t_prime = (1 - alpha) * t_cur + alpha * t_next  # = t_cur + alpha * h, exactly t_next when alpha = 1
+    # = t_cur + alpha * h, exactly t_next when alpha = 1
+    t_prime = (1 - alpha) * t_cur + alpha * t_next
     d_prime = derivative(x_prime, t_prime)  # Alg. 1, line 7
     return x_cur + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)  # Alg. 1, line 8
 
@@ -61,7 +63,8 @@ def heun_step(derivative, x_cur, t_cur, t_next, alpha=1):
 def ode_step(derivative, x_cur, t_cur, t_next, solver='heun', alpha=1, last=False):
     """One solver step; Heun falls back to Euler on the last step, into sigma = 0.
 
-    Paper: Alg. 1, line 6 (no 2nd-order correction when sigma(t_{i+1}) = 0), Table 1 row "ODE solver".
+    Paper: Alg. 1, line 6 (no 2nd-order correction when sigma(t_{i+1}) = 0), Table 1 row "ODE
+    solver".
     Derived in chapter 3.
     """
     if solver == 'euler' or last:
@@ -72,25 +75,31 @@ def ode_step(derivative, x_cur, t_cur, t_next, solver='heun', alpha=1, last=Fals
 def _check_range(sigma_min, sigma_max, where=''):
     """Raise a ValueError naming both values unless 0 < sigma_min < sigma_max."""
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f'need 0 < sigma_min < sigma_max{where}, got sigma_min={sigma_min}, sigma_max={sigma_max}')
+        raise ValueError(
+            f'need 0 < sigma_min < sigma_max{where}, got sigma_min={sigma_min}, sigma_max={sigma_max}'
+        )
 
 
 def supported_sigma_range(net, sigma_min, sigma_max):
-    """Clip [sigma_min, sigma_max] to the noise levels the denoiser supports (its optional attributes).
+    """Clip [sigma_min, sigma_max] to the noise levels the denoiser supports (its optional
+    attributes).
 
     Paper: official generate.py, "Adjust noise levels based on what's supported by the network".
     Derived in chapter 3.
     """
     _check_range(sigma_min, sigma_max)
-    lo, hi = max(sigma_min, getattr(net, 'sigma_min', 0)), min(sigma_max, getattr(net, 'sigma_max', math.inf))
+    lo, hi = max(sigma_min, getattr(net, 'sigma_min', 0)), min(sigma_max,
+                                                               getattr(net, 'sigma_max', math.inf))
     _check_range(lo, hi, where=' after clipping to the range the network supports')
     return lo, hi
 
 
 def time_steps(net, sigma_grid, schedule=EDM):
-    """The time steps t_0 > ... > t_{N-1} > t_N = 0 for a decreasing sigma grid, rounded by the denoiser.
+    """The time steps t_0 > ... > t_{N-1} > t_N = 0 for a decreasing sigma grid, rounded by the
+    denoiser.
 
-    Paper: Table 1 row "Time steps" mapped through sigma^-1; official `t_steps = sigma_inv(net.round_sigma(...))`.
+    Paper: Table 1 row "Time steps" mapped through sigma^-1; official `t_steps =
+    sigma_inv(net.round_sigma(...))`.
     Derived in chapter 3.
     """
     round_sigma = getattr(net, 'round_sigma', torch.as_tensor)
@@ -101,7 +110,8 @@ def time_steps(net, sigma_grid, schedule=EDM):
 def integrate(derivative, x, t_steps, solver='heun', alpha=1):
     """Solve dx/dt = derivative(x, t) from t_steps[0] through the grid t_steps to t_steps[-1] = 0.
 
-    Paper: Alg. 1, lines 3-9, with the solver of Table 1 (Euler or the 2nd-order alpha rule of App. D.2).
+    Paper: Alg. 1, lines 3-9, with the solver of Table 1 (Euler or the 2nd-order alpha rule of App.
+    D.2).
     Derived in chapter 3.
     """
     num_steps = len(t_steps) - 1
@@ -120,9 +130,11 @@ def denoiser_derivative(net, class_labels=None):
 
 # %% ../notebooks/03_deterministic.ipynb #302a7191
 def edm_t_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, device=None):
-    """Time steps t_0 > ... > t_{N-1} > t_N = 0 of sigma(t) = t: Eq. 5 over the range the denoiser supports.
+    """Time steps t_0 > ... > t_{N-1} > t_N = 0 of sigma(t) = t: Eq. 5 over the range the denoiser
+    supports.
 
-    Paper: Eq. 5 and Alg. 1-2, line 1 (the official `edm_sampler`'s `t_steps`, rounded by `net.round_sigma`).
+    Paper: Eq. 5 and Alg. 1-2, line 1 (the official `edm_sampler`'s `t_steps`, rounded by
+    `net.round_sigma`).
     Derived in chapter 3.
     """
     sigma_min, sigma_max = supported_sigma_range(net, sigma_min, sigma_max)
@@ -132,10 +144,12 @@ def edm_t_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, device=
 
 def heun_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
                  num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
-    """Deterministic EDM sampler: Heun's method on dx/dt = (x - D(x; t)) / t over the rho-spaced steps.
+    """Deterministic EDM sampler: Heun's method on dx/dt = (x - D(x; t)) / t over the rho-spaced
+    steps.
 
     Paper: Alg. 1 with sigma(t) = t, s(t) = 1 and the time steps of Eq. 5 (Table 1, column "Ours").
-    `randn_like` is unused (the sampler is deterministic); it keeps the signature of the stochastic sampler.
+    `randn_like` is unused (the sampler is deterministic); it keeps the signature of the stochastic
+    sampler.
     Derived in chapter 3.
     """
     t_steps = edm_t_steps(net, num_steps, sigma_min, sigma_max, rho, latents.device)
@@ -144,23 +158,27 @@ def heun_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
 
 # %% ../notebooks/03_deterministic.ipynb #b5879c4e
 def _discretization_kwargs(discretization, rho, epsilon_s, C_1, C_2, M):
-    """The parameters each sigma grid of Table 1 takes (the rest of the ablation sampler's keywords)."""
+    """The parameters each sigma grid of Table 1 takes (the rest of the ablation sampler's
+    keywords)."""
     return {'vp': dict(epsilon_s=epsilon_s), 've': {}, 'iddpm': dict(C_1=C_1, C_2=C_2, M=M),
             'edm': dict(rho=rho)}[discretization]
 
 
-def ablation_time_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm',
-                        schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, device=None):
+def ablation_time_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7,
+                        discretization='edm', schedule='linear', scaling='none', epsilon_s=1e-3,
+                        C_1=0.001, C_2=0.008, M=1000, device=None):
     """The schedule (σ(t), s(t)) and time steps t_0 > ... > t_N = 0 of one column of Table 1.
 
-    Paper: Table 1 rows "time steps", "schedule", "scaling"; official generate.py `ablation_sampler`, whose default
-    σ range is the discretization's (vp: σ_VP(ε_s), σ_VP(1) at β_d = 19.9) and whose VP betas pass through it.
+    Paper: Table 1 rows "time steps", "schedule", "scaling"; official generate.py
+    `ablation_sampler`, whose default σ range is the discretization's (vp: σ_VP(ε_s), σ_VP(1) at β_d
+    = 19.9) and whose VP betas pass through it.
     Derived in chapter 3.
     """
     lo, hi = default_sigma_range(discretization, epsilon_s)
     sigma_min, sigma_max = supported_sigma_range(net, lo if sigma_min is None else sigma_min,
                                                  hi if sigma_max is None else sigma_max)
-    betas = vp_betas(sigma_min, sigma_max, epsilon_s) if schedule == 'vp' else ()  # VP through the range
+    # VP through the range
+    betas = vp_betas(sigma_min, sigma_max, epsilon_s) if schedule == 'vp' else ()
     sched = make_schedule(schedule, scaling, *betas)
     grid = sigma_steps(discretization, num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
                        **_discretization_kwargs(discretization, rho, epsilon_s, C_1, C_2, M))
@@ -177,56 +195,66 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
                      num_steps=18, sigma_min=None, sigma_max=None, rho=7,
                      solver='heun', discretization='edm', schedule='linear', scaling='none',
                      epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1):
-    """Generalized deterministic sampler: every solver, time-step, schedule and scaling choice of Table 1.
+    """Generalized deterministic sampler: every solver, time-step, schedule and scaling choice of
+    Table 1.
 
-    Paper: Alg. 1 with the 2nd-order alpha rule of App. D.2; official generate.py `ablation_sampler` (S_churn = 0;
-    chapter 4 adds its stochastic knobs). `randn_like` is unused (deterministic).
+    Paper: Alg. 1 with the 2nd-order alpha rule of App. D.2; official generate.py `ablation_sampler`
+    (S_churn = 0; chapter 4 adds its stochastic knobs). `randn_like` is unused (deterministic).
     Derived in chapter 3.
     """
     _check_solver(solver, alpha)
-    sched, t_steps = ablation_time_steps(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule,
-                                         scaling, epsilon_s, C_1, C_2, M, latents.device)
-    x_next = latents.to(torch.float64) * (sched.sigma(t_steps[0]) * sched.s(t_steps[0]))  # Alg. 1, line 2
+    sched, t_steps = ablation_time_steps(net, num_steps, sigma_min, sigma_max, rho, discretization,
+                                         schedule, scaling, epsilon_s, C_1, C_2, M, latents.device)
+    # Alg. 1, line 2
+    x_next = latents.to(torch.float64) * (sched.sigma(t_steps[0]) * sched.s(t_steps[0]))
     derivative = lambda x, t: ode_derivative(x, t, net, sched, class_labels)  # Eq. 4
     return integrate(derivative, x_next, t_steps, solver, alpha)  # Alg. 1, lines 3-9
 
-
 # %% ../notebooks/03_deterministic.ipynb #81358cc4
 def rms_error(x, reference):
-    """Root-mean-square difference over all elements: the terminal error of a sampler against a reference.
+    """Root-mean-square difference over all elements: the terminal error of a sampler against a
+    reference.
 
-    Paper: Sec. 3 / Fig. 2 compare samplers at equal NFE; here the error is measured exactly, not by FID.
+    Paper: Sec. 3 / Fig. 2 compare samplers at equal NFE; here the error is measured exactly, not by
+    FID.
     Derived in chapter 3.
     """
     if x.shape != reference.shape:
-        raise ValueError(f'x has shape {tuple(x.shape)} but the reference has shape {tuple(reference.shape)}')
+        raise ValueError(
+            f'x has shape {tuple(x.shape)} but the reference has shape {tuple(reference.shape)}')
     return float(((x.to(torch.float64) - reference.to(torch.float64)) ** 2).mean().sqrt())
 
 
 def error_vs_nfe(sampler, net, latents, reference, steps, **sampler_kwargs):
-    """Run `sampler(net, latents, num_steps=n, **sampler_kwargs)` for each n in `steps`: the NFE and RMS error.
+    """Run `sampler(net, latents, num_steps=n, **sampler_kwargs)` for each n in `steps`: the NFE and
+    RMS error.
 
-    Paper: the NFE axis of Fig. 2 / Fig. 3; the NFE is counted by wrapping `net` in `CountingDenoiser`.
-    Returns a dict of equal-length lists: num_steps, nfe, error.
+    Paper: the NFE axis of Fig. 2 / Fig. 3; the NFE is counted by wrapping `net` in
+    `CountingDenoiser`. Returns a dict of equal-length lists: num_steps, nfe, error.
     Derived in chapter 3.
     """
     rows = {'num_steps': [], 'nfe': [], 'error': []}
     for num_steps in steps:
         counted = CountingDenoiser(net)
         x = sampler(counted, latents, num_steps=num_steps, **sampler_kwargs)
-        for key, value in zip(rows, (num_steps, counted.nfe, rms_error(x, reference))): rows[key].append(value)
+        for key, value in zip(rows, (num_steps, counted.nfe, rms_error(x, reference))):
+            rows[key].append(value)
     return rows
 
 
 def observed_order(nfe, error):
-    """The observed order of convergence p: minus the least-squares slope of log(error) against log(NFE).
+    """The observed order of convergence p: minus the least-squares slope of log(error) against
+    log(NFE).
 
-    Paper: the order argument of Sec. 3 (Euler: 1, Heun: 2); a straight-line fit in log-log coordinates.
+    Paper: the order argument of Sec. 3 (Euler: 1, Heun: 2); a straight-line fit in log-log
+    coordinates.
     Derived in chapter 3.
     """
     log_n = torch.log(torch.as_tensor(nfe, dtype=torch.float64))
     error = torch.as_tensor(error, dtype=torch.float64)
     if log_n.numel() < 2 or log_n.shape != error.shape or not bool((error > 0).all()):
-        raise ValueError(f'need >= 2 pairs of NFE and positive errors, got nfe={list(nfe)}, error={error.tolist()}')
+        raise ValueError(
+            f'need >= 2 pairs of NFE and positive errors, got nfe={list(nfe)}, error={error.tolist()}'
+        )
     dn, de = log_n - log_n.mean(), error.log() - error.log().mean()
     return float(-(dn * de).sum() / (dn * dn).sum())

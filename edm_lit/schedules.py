@@ -19,7 +19,8 @@ from .validators import check_choice, check_nonnegative
 
 # %% ../notebooks/02_ode.ipynb #0570636b
 def _as_float(t):
-    """Python numbers and integer tensors become float64 tensors; floating tensors pass through unchanged."""
+    """Python numbers and integer tensors become float64 tensors; floating tensors pass through
+    unchanged."""
     if not torch.is_tensor(t): return torch.tensor(t, dtype=torch.float64)
     return t if t.is_floating_point() else t.to(torch.float64)
 
@@ -48,7 +49,8 @@ def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
     sigma = _as_float(sigma); check_nonnegative('sigma', sigma)
     L = torch.log1p(sigma ** 2)
     root = (beta_min ** 2 + 2 * beta_d * L).sqrt()
-    if beta_min > 0: return 2 * L / (root + beta_min)  # the same root, rationalized: no cancellation at small σ
+    # the same root, rationalized: no cancellation at small σ
+    if beta_min > 0: return 2 * L / (root + beta_min)
     return (root - beta_min) / beta_d  # Table 1, VP σ⁻¹
 
 # %% ../notebooks/02_ode.ipynb #c2ef7604
@@ -101,7 +103,8 @@ def linear_sigma_inv(sigma):
 # %% ../notebooks/02_ode.ipynb #53ea9ad1
 @dataclass(frozen=True)
 class Schedule:
-    """A noise level σ(t) with σ'(t) and σ⁻¹, and a signal scaling s(t) with s'(t); callables on float tensors.
+    """A noise level σ(t) with σ'(t) and σ⁻¹, and a signal scaling s(t) with s'(t); callables on
+    float tensors.
 
     Table 1, rows "schedule σ(t)" and "scaling s(t)": the two functions of time in Eq. 4.
     Derived in chapter 2."""
@@ -118,12 +121,15 @@ SCALINGS = ('vp', 'none')
 def _noise_level(schedule, beta_d, beta_min):
     """(σ, σ', σ⁻¹) of a schedule name, Table 1."""
     if schedule == 'vp':
-        return tuple(partial(f, beta_d=beta_d, beta_min=beta_min) for f in (vp_sigma, vp_sigma_deriv, vp_sigma_inv))
+        return tuple(
+            partial(f, beta_d=beta_d, beta_min=beta_min)
+            for f in (vp_sigma, vp_sigma_deriv, vp_sigma_inv))
     if schedule == 've': return ve_sigma, ve_sigma_deriv, ve_sigma_inv
     return linear_sigma, linear_sigma_deriv, linear_sigma_inv
 
 def _vp_scaling(sigma, sigma_deriv):
-    """(s, s') for the VP scaling s(t) = 1 / sqrt(1 + σ(t)²) on top of a noise level σ(t), eq-ode-vp-deriv."""
+    """(s, s') for the VP scaling s(t) = 1 / sqrt(1 + σ(t)²) on top of a noise level σ(t),
+    eq-ode-vp-deriv."""
     s = lambda t: torch.rsqrt(1 + sigma(t) ** 2)  # Table 1, VP scaling
     return s, lambda t: -sigma(t) * sigma_deriv(t) * s(t) ** 3
 
@@ -135,7 +141,8 @@ def _no_scaling():
 def make_schedule(schedule='linear', scaling='none', beta_d=19.9, beta_min=0.1) -> Schedule:
     """Build σ(t), σ'(t), σ⁻¹, s(t), s'(t) by name: schedule vp / ve / linear, scaling vp / none.
 
-    Table 1 (sampling rows); NVlabs/edm generate.py `ablation_sampler`; β_d, β_min only matter for schedule 'vp'.
+    Table 1 (sampling rows); NVlabs/edm generate.py `ablation_sampler`; β_d, β_min only matter for
+    schedule 'vp'.
     Derived in chapter 2."""
     check_choice('schedule', schedule, SCHEDULES); check_choice('scaling', scaling, SCALINGS)
     if schedule == 'vp' and not (0 < beta_d < math.inf and math.isfinite(beta_min)):
@@ -152,23 +159,28 @@ EDM = make_schedule('linear', 'none')
 
 # %% ../notebooks/02_ode.ipynb #eff05e5b
 def ode_derivative(x, t, net, schedule, class_labels=None):
-    """dx/dt of the probability-flow ODE, (σ'/σ + s'/s) x − (σ' s / σ) D(x/s; σ), at σ = σ(t), s = s(t).
+    """dx/dt of the probability-flow ODE, (σ'/σ + s'/s) x − (σ' s / σ) D(x/s; σ), at σ = σ(t), s =
+    s(t).
 
     Eq. 4 with the score written through the denoiser (Eq. 3); the ablation sampler's d_cur.
     Derived in chapter 2."""
     t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-    if t.numel() != 1: raise ValueError(f't must be a single time (a scalar), got shape {tuple(t.shape)}')
+    if t.numel() != 1:
+        raise ValueError(f't must be a single time (a scalar), got shape {tuple(t.shape)}')
     t = t.reshape(())
     sigma, s = schedule.sigma(t), schedule.s(t)
     if not bool(sigma > 0):
-        raise ValueError(f'the ODE needs sigma(t) > 0, got sigma={float(sigma):.6g} at t={float(t):.6g}')
+        raise ValueError(
+            f'the ODE needs sigma(t) > 0, got sigma={float(sigma):.6g} at t={float(t):.6g}')
     D_x = net(x / s, sigma, class_labels).to(x.dtype)  # D(x/s; σ)
     sigma_deriv, s_deriv = schedule.sigma_deriv(t), schedule.s_deriv(t)
-    return (sigma_deriv / sigma + s_deriv / s) * x - (sigma_deriv * s / sigma) * D_x  # eq-ode-general (Eq. 4)
+    # eq-ode-general (Eq. 4)
+    return (sigma_deriv / sigma + s_deriv / s) * x - (sigma_deriv * s / sigma) * D_x
 
 # %% ../notebooks/02_ode.ipynb #60d3e2e0
 def _check_range(num_steps, sigma_min, sigma_max):
-    """Validate a discretization's arguments (num_steps ≥ 1; 0 < sigma_min < sigma_max < ∞); return the floats."""
+    """Validate a discretization's arguments (num_steps ≥ 1; 0 < sigma_min < sigma_max < ∞); return
+    the floats."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
     sigma_min, sigma_max = float(sigma_min), float(sigma_max)
@@ -179,7 +191,8 @@ def _check_range(num_steps, sigma_min, sigma_max):
     return sigma_min, sigma_max
 
 def _ramp(num_steps):
-    """i / (N − 1) for i = 0, …, N − 1 in float64 ([0] when N = 1): the uniform grid each discretization warps."""
+    """i / (N − 1) for i = 0, …, N − 1 in float64 ([0] when N = 1): the uniform grid each
+    discretization warps."""
     return torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
 
 # %% ../notebooks/02_ode.ipynb #1708894f
@@ -189,17 +202,20 @@ def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
     Eq. 5 (eq-ode-rho); Table 1, EDM column, row "time steps"; ρ = 7 is the paper's choice.
     Derived in chapter 2."""
     sigma_min, sigma_max = _check_range(num_steps, sigma_min, sigma_max)
-    if not 0 < rho < math.inf: raise ValueError(f'rho must be a positive finite number, got {rho!r}')
+    if not 0 < rho < math.inf:
+        raise ValueError(f'rho must be a positive finite number, got {rho!r}')
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (a + _ramp(num_steps) * (b - a)) ** rho  # Eq. 5
 
 def ve_sigma_steps(num_steps, sigma_min=0.02, sigma_max=100):
-    """VE noise levels: t_i = σ_max² (σ_min² / σ_max²)^{i/(N−1)} through σ(t) = sqrt(t), geometric in σ.
+    """VE noise levels: t_i = σ_max² (σ_min² / σ_max²)^{i/(N−1)} through σ(t) = sqrt(t), geometric
+    in σ.
 
     Table 1, VE column, row "time steps".
     Derived in chapter 2."""
     sigma_min, sigma_max = _check_range(num_steps, sigma_min, sigma_max)
-    t_steps = sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** _ramp(num_steps)  # Table 1, VE t_i
+    # Table 1, VE t_i
+    t_steps = sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** _ramp(num_steps)
     return ve_sigma(t_steps)
 
 # %% ../notebooks/02_ode.ipynb #b381bea6
@@ -210,24 +226,30 @@ def _check_epsilon_s(epsilon_s):
 def vp_betas(sigma_min, sigma_max, epsilon_s=1e-3):
     """(β_d, β_min) of the VP schedule through σ(ε_s) = σ_min and σ(1) = σ_max.
 
-    Table 1, VP column, solved as in generate.py `ablation_sampler` (vp_beta_d, vp_beta_min); eq-ode-vp-betas.
+    Table 1, VP column, solved as in generate.py `ablation_sampler` (vp_beta_d, vp_beta_min);
+    eq-ode-vp-betas.
     Derived in chapter 2."""
     _check_epsilon_s(epsilon_s)
     sigma_min, sigma_max = _check_range(1, sigma_min, sigma_max)
-    L_min, L_max = math.log1p(sigma_min ** 2), math.log1p(sigma_max ** 2)  # ½ β_d t² + β_min t at t = ε_s, 1
+    # ½ β_d t² + β_min t at t = ε_s, 1
+    L_min, L_max = math.log1p(sigma_min ** 2), math.log1p(sigma_max ** 2)
     beta_d = 2 * (L_min / epsilon_s - L_max) / (epsilon_s - 1)
     if not beta_d > 0:
-        raise ValueError(f'no convex VP schedule through sigma({epsilon_s})={sigma_min} and sigma(1)={sigma_max} '
-                         f'(beta_d would be {beta_d:.6g}); lower sigma_min or epsilon_s')
+        raise ValueError(
+            f'no convex VP schedule through sigma({epsilon_s})={sigma_min} and sigma(1)={sigma_max} '
+            f'(beta_d would be {beta_d:.6g}); lower sigma_min or epsilon_s')
     return beta_d, L_max - 0.5 * beta_d
 
 def vp_sigma_steps(num_steps, sigma_min=None, sigma_max=None, epsilon_s=1e-3):
-    """VP noise levels: t_i = 1 + i/(N−1) (ε_s − 1) through the VP σ(t) whose betas hit σ_min and σ_max.
+    """VP noise levels: t_i = 1 + i/(N−1) (ε_s − 1) through the VP σ(t) whose betas hit σ_min and
+    σ_max.
 
-    Table 1, VP column, row "time steps"; None selects the official default range σ_VP(ε_s), σ_VP(1) (β_d = 19.9).
+    Table 1, VP column, row "time steps"; None selects the official default range σ_VP(ε_s), σ_VP(1)
+    (β_d = 19.9).
     Derived in chapter 2."""
     _check_epsilon_s(epsilon_s)
-    if sigma_min is None: sigma_min = float(vp_sigma(epsilon_s))  # generate.py: vp_sigma(19.9, 0.1)(epsilon_s)
+    # generate.py: vp_sigma(19.9, 0.1)(epsilon_s)
+    if sigma_min is None: sigma_min = float(vp_sigma(epsilon_s))
     if sigma_max is None: sigma_max = float(vp_sigma(1.0))  # ≈ 152.17
     sigma_min, sigma_max = _check_range(num_steps, sigma_min, sigma_max)
     beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
@@ -247,31 +269,39 @@ def iddpm_u(C_1=0.001, C_2=0.008, M=1000):
         raise ValueError(f'expected 0 < C_1 <= 1 and C_2 >= 0, got C_1={C_1!r}, C_2={C_2!r}')
     j = torch.arange(M + 1, dtype=torch.float64)
     alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2  # Table 1, ᾱ_j
-    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist()  # max(ᾱ_{j−1}/ᾱ_j, C_1), j = 1..M
+    # max(ᾱ_{j−1}/ᾱ_j, C_1), j = 1..M
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist()
     u = [0.0]  # u_M = 0
     for r in reversed(ratio): u.append(math.sqrt((u[-1] ** 2 + 1) / r - 1))  # u_{j−1} from u_j
     return torch.tensor(u[::-1], dtype=torch.float64)
 
 def iddpm_sigma_steps(num_steps, C_1=0.001, C_2=0.008, M=1000, sigma_min=0.002, sigma_max=81):
-    """iDDPM noise levels: the u_j inside [σ_min, σ_max], subsampled at N evenly spaced, rounded indices.
+    """iDDPM noise levels: the u_j inside [σ_min, σ_max], subsampled at N evenly spaced, rounded
+    indices.
 
-    Table 1, iDDPM column, row "time steps" (j_0 = 8 for the defaults), as generate.py `ablation_sampler` does it.
+    Table 1, iDDPM column, row "time steps" (j_0 = 8 for the defaults), as generate.py
+    `ablation_sampler` does it.
     Derived in chapter 2."""
     sigma_min, sigma_max = _check_range(num_steps, sigma_min, sigma_max)
     u = iddpm_u(C_1, C_2, M)
     u_filtered = u[(u >= sigma_min) & (u <= sigma_max)]
     if num_steps > len(u_filtered):
-        raise ValueError(f'num_steps={num_steps} exceeds the {len(u_filtered)} iDDPM levels u_j in '
-                         f'[{sigma_min}, {sigma_max}]; use fewer steps, a wider range or a larger M')
+        raise ValueError(
+            f'num_steps={num_steps} exceeds the {len(u_filtered)} iDDPM levels u_j in '
+            f'[{sigma_min}, {sigma_max}]; use fewer steps, a wider range or a larger M')
     step_indices = torch.arange(num_steps, dtype=torch.float64)
-    index = ((len(u_filtered) - 1) / max(num_steps - 1, 1) * step_indices).round()  # Table 1, ⌊· + ½⌋
+    # Table 1, ⌊· + ½⌋
+    index = ((len(u_filtered) - 1) / max(num_steps - 1, 1) * step_indices).round()
     return u_filtered[index.to(torch.int64)]
 
 # %% ../notebooks/02_ode.ipynb #2721bee0
-DISCRETIZATIONS = {'vp': vp_sigma_steps, 've': ve_sigma_steps, 'iddpm': iddpm_sigma_steps, 'edm': edm_sigma_steps}
+DISCRETIZATIONS = {
+    'vp': vp_sigma_steps, 've': ve_sigma_steps, 'iddpm': iddpm_sigma_steps, 'edm': edm_sigma_steps
+}
 
 def sigma_steps(discretization, num_steps, **kwargs):
-    """The noise levels σ_0 > … > σ_{N−1} (float64, no final 0) of the discretization vp, ve, iddpm or edm.
+    """The noise levels σ_0 > … > σ_{N−1} (float64, no final 0) of the discretization vp, ve, iddpm
+    or edm.
 
     Table 1, row "time steps"; the keyword arguments are those of the chosen rule.
     Derived in chapter 2."""
@@ -288,5 +318,6 @@ def default_sigma_range(discretization, epsilon_s=1e-3):
     _check_epsilon_s(epsilon_s)
     return float(vp_sigma(epsilon_s)), float(vp_sigma(1.0))
 
-DEFAULT_SIGMA_RANGE = {'vp': (float(vp_sigma(1e-3)), float(vp_sigma(1.0))),  # at the default ε_s = 1e-3
+# at the default ε_s = 1e-3
+DEFAULT_SIGMA_RANGE = {'vp': (float(vp_sigma(1e-3)), float(vp_sigma(1.0))),
                        've': (0.02, 100.0), 'iddpm': (0.002, 81.0), 'edm': (0.002, 80.0)}

@@ -24,17 +24,20 @@ def to_d(x, sigma, D_x):
 
 
 def _check_sigmas(sigmas, latents):
-    """The grid as float64 on the latents' device and as Python floats; ValueError unless sigma_0 > ... > sigma_N >= 0.
+    """The grid as float64 on the latents' device and as Python floats; ValueError unless sigma_0 >
+    ... > sigma_N >= 0.
 
     Derived in chapter 11.
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).to(latents.device)
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f'sigmas must be a 1-D grid sigma_0 > ... > sigma_N >= 0 of at least 2 noise levels '
-                         f'(one step), got shape {tuple(sigmas.shape)}')
+        raise ValueError(
+            f'sigmas must be a 1-D grid sigma_0 > ... > sigma_N >= 0 of at least 2 noise levels '
+            f'(one step), got shape {tuple(sigmas.shape)}')
     sig = sigmas.tolist()
     for i, s in enumerate(sig):
-        if not math.isfinite(s) or s < 0: raise ValueError(f'sigmas must be finite and >= 0, got sigma_{i} = {s!r}')
+        if not math.isfinite(s) or s < 0:
+            raise ValueError(f'sigmas must be finite and >= 0, got sigma_{i} = {s!r}')
         if i and not sig[i - 1] > s:
             raise ValueError(f'sigmas must be strictly decreasing, '
                              f'got sigma_{i - 1} = {sig[i - 1]!r} <= sigma_{i} = {s!r}')
@@ -47,9 +50,11 @@ def _denoise(net, x, sigma, class_labels):
 
 
 def exponential_step(x, sigma_cur, sigma_next, D_hat):
-    """One exponential-integrator step from sigma_cur to sigma_next with the denoiser frozen at D_hat.
+    """One exponential-integrator step from sigma_cur to sigma_next with the denoiser frozen at
+    D_hat.
 
-    Paper: eq-solv-ddim, the variation of constants (eq-solv-voc) of Lu et al. (2022a); DDIM; Euler in sigma.
+    Paper: eq-solv-ddim, the variation of constants (eq-solv-voc) of Lu et al. (2022a); DDIM; Euler
+    in sigma.
     Derived in chapter 11.
     """
     ratio = sigma_next / sigma_cur  # e^{-h}
@@ -57,10 +62,12 @@ def exponential_step(x, sigma_cur, sigma_next, D_hat):
 
 # %% ../notebooks/11_solvers.ipynb #2d1ba942
 def sample_dpmpp_2m(net, latents, sigmas, class_labels=None):
-    """DPM-Solver++(2M): the exponential integrator with D extrapolated linearly in lambda from the last two steps.
+    """DPM-Solver++(2M): the exponential integrator with D extrapolated linearly in lambda from the
+    last two steps.
 
-    Paper: Lu et al. (2022b), Alg. 2 (DPM-Solver++(2M)) in the sigma parametrization; eq-solv-2m in eq-solv-ddim.
-    The first step is first order; the last step into sigma = 0 returns D (Alg. 1, line 6). NFE = len(sigmas) - 1.
+    Paper: Lu et al. (2022b), Alg. 2 (DPM-Solver++(2M)) in the sigma parametrization; eq-solv-2m in
+    eq-solv-ddim. The first step is first order; the last step into sigma = 0 returns D (Alg. 1,
+    line 6). NFE = len(sigmas) - 1.
     Derived in chapter 11.
     """
     sigmas, sig = _check_sigmas(sigmas, latents)
@@ -70,30 +77,37 @@ def sample_dpmpp_2m(net, latents, sigmas, class_labels=None):
         D_cur = _denoise(net, x, sigmas[i], class_labels)
         if sig[i + 1] == 0: return D_cur  # eq-ode-euler-to-zero: the last step
         h = math.log(sig[i] / sig[i + 1])  # h_i = lambda_{i+1} - lambda_i (eq-solv-lambda)
-        D_hat = D_cur if D_prev is None else D_cur + (h / (2 * h_prev)) * (D_cur - D_prev)  # eq-solv-2m
+        # eq-solv-2m
+        D_hat = D_cur if D_prev is None else D_cur + (h / (2 * h_prev)) * (D_cur - D_prev)
         x = exponential_step(x, sig[i], sig[i + 1], D_hat)  # eq-solv-ddim
         D_prev, h_prev = D_cur, h
     return x
 
 # %% ../notebooks/11_solvers.ipynb #cb191c26
 def adams_bashforth_weights(nodes):
-    """The weights beta_j = int_0^1 l_j(u) du of the Adams-Bashforth step for interpolation nodes u_j (u_0 = 0).
+    """The weights beta_j = int_0^1 l_j(u) du of the Adams-Bashforth step for interpolation nodes
+    u_j (u_0 = 0).
 
-    Paper: eq-solv-ab-moments (Hairer et al., 1993, Sec. III.1); nodes (0, -1, -2, -3) give iPNDM's AB4 table.
+    Paper: eq-solv-ab-moments (Hairer et al., 1993, Sec. III.1); nodes (0, -1, -2, -3) give iPNDM's
+    AB4 table.
     Derived in chapter 11.
     """
     u = torch.tensor([float(v) for v in nodes], dtype=torch.float64)
     if u.ndim != 1 or len(u) < 1 or len(set(u.tolist())) != len(u) or not torch.isfinite(u).all():
-        raise ValueError(f'nodes must be distinct finite numbers, at least one, got {list(nodes)!r}')
+        raise ValueError(
+            f'nodes must be distinct finite numbers, at least one, got {list(nodes)!r}')
     m = torch.arange(len(u), dtype=torch.float64)
-    return torch.linalg.solve(u[None, :] ** m[:, None], 1 / (m + 1)).tolist()  # sum_j beta_j u_j^m = 1/(m+1)
+    # sum_j beta_j u_j^m = 1/(m+1)
+    return torch.linalg.solve(u[None, :] ** m[:, None], 1 / (m + 1)).tolist()
 
 
 def sample_ipndm(net, latents, sigmas, class_labels=None, max_order=4, variable_step=False):
-    """iPNDM: Adams-Bashforth on d = dx/dsigma with the equal-step table of order min(i + 1, max_order).
+    """iPNDM: Adams-Bashforth on d = dx/dsigma with the equal-step table of order min(i + 1,
+    max_order).
 
-    Paper: Zhang & Chen (2023), iPNDM (the improved PNDM of Liu et al., 2022); eq-solv-ab. variable_step=True
-    solves eq-solv-ab-moments on the true grid (iPNDM-v). The last step into sigma = 0 returns D (Alg. 1, line 6).
+    Paper: Zhang & Chen (2023), iPNDM (the improved PNDM of Liu et al., 2022); eq-solv-ab.
+    variable_step=True solves eq-solv-ab-moments on the true grid (iPNDM-v). The last step into
+    sigma = 0 returns D (Alg. 1, line 6).
     Derived in chapter 11.
     """
     sigmas, sig = _check_sigmas(sigmas, latents)
@@ -106,7 +120,8 @@ def sample_ipndm(net, latents, sigmas, class_labels=None, max_order=4, variable_
         d_hist = [to_d(x, sig[i], D_cur)] + d_hist[:max_order - 1]  # Alg. 1, line 4
         sigma_hist = [sig[i]] + sigma_hist[:max_order - 1]
         dsigma = sig[i + 1] - sig[i]
-        nodes = [(s - sig[i]) / dsigma for s in sigma_hist] if variable_step else [-j for j in range(len(d_hist))]
+        nodes = [(s - sig[i]) / dsigma
+                 for s in sigma_hist] if variable_step else [-j for j in range(len(d_hist))]
         beta = adams_bashforth_weights(nodes)  # eq-solv-ab-moments
         x = x + dsigma * sum(b * d for b, d in zip(beta, d_hist))  # eq-solv-ab
     return x
@@ -115,25 +130,33 @@ def sample_ipndm(net, latents, sigmas, class_labels=None, max_order=4, variable_
 def phi(k, z):
     """The phi-function phi_k(z) = sum_n z^n / (n + k)! of the exponential integrators (k >= 1).
 
-    Paper: eq-solv-phi (Lu et al., 2022a; Zhao et al., 2023): the series for |z| < 1, else the recursion from phi_1.
+    Paper: eq-solv-phi (Lu et al., 2022a; Zhao et al., 2023): the series for |z| < 1, else the
+    recursion from phi_1.
     Derived in chapter 11.
     """
-    if abs(z) < 1: return sum(z ** n / math.factorial(n + k) for n in range(30))  # eq-solv-phi, series
+    # eq-solv-phi, series
+    if abs(z) < 1: return sum(z ** n / math.factorial(n + k) for n in range(30))
     value = math.expm1(z) / z  # phi_1
-    for j in range(1, k): value = (value - 1 / math.factorial(j)) / z  # phi_{j+1} = (phi_j - 1/j!) / z
+    # phi_{j+1} = (phi_j - 1/j!) / z
+    for j in range(1, k): value = (value - 1 / math.factorial(j)) / z
     return value
 
 
 def unipc_weights(h, rks, order):
-    """UniPC's weights (rhos_p, rhos_c): predictor UniP-p and corrector UniC-p for step h and past ratios rks.
+    """UniPC's weights (rhos_p, rhos_c): predictor UniP-p and corrector UniC-p for step h and past
+    ratios rks.
 
-    Paper: Zhao et al. (2023), UniP-p and UniC-p with B(h) = e^h - 1 (bh2): eq-solv-unipc-b; p = order.
+    Paper: Zhao et al. (2023), UniP-p and UniC-p with B(h) = e^h - 1 (bh2): eq-solv-unipc-b; p =
+    order.
     Derived in chapter 11.
     """
-    b = torch.tensor([math.factorial(m) * h * phi(m + 1, -h) / -math.expm1(-h) for m in range(1, order + 1)],
-                     dtype=torch.float64)  # eq-solv-unipc-b
-    R = torch.tensor(list(rks) + [1.0], dtype=torch.float64) ** torch.arange(order, dtype=torch.float64)[:, None]
-    half = torch.full((1,), 0.5, dtype=torch.float64)  # the h -> 0 limit of b_1, as in the official code
+    b = torch.tensor(
+        [math.factorial(m) * h * phi(m + 1, -h) / -math.expm1(-h) for m in range(1, order + 1)],
+        dtype=torch.float64)  # eq-solv-unipc-b
+    R = torch.tensor(list(rks) + [1.0],
+                     dtype=torch.float64)**torch.arange(order, dtype=torch.float64)[:, None]
+    # the h -> 0 limit of b_1, as in the official code
+    half = torch.full((1,), 0.5, dtype=torch.float64)
     rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1]) if order > 2 else half[:order - 1]  # UniP-p
     rhos_c = torch.linalg.solve(R, b) if order > 1 else half  # UniC-p
     return rhos_p.tolist(), rhos_c.tolist()
@@ -147,9 +170,9 @@ def _unipc_estimate(D_cur, D_others, rks, rhos):
 def sample_unipc(net, latents, sigmas, class_labels=None, order=2):
     """UniPC-p: the UniP-p predictor and the UniC-p corrector (order p + 1) at one NFE per step.
 
-    Paper: Zhao et al. (2023), UniPC with B(h) = e^h - 1 (bh2), data prediction; eq-solv-unipc, eq-solv-unipc-b.
-    Warm-up order min(i + 1, p); the last step into sigma = 0 returns D, uncorrected (Alg. 1, line 6); a grid
-    ending at sigma_N > 0 returns the last prediction.
+    Paper: Zhao et al. (2023), UniPC with B(h) = e^h - 1 (bh2), data prediction; eq-solv-unipc,
+    eq-solv-unipc-b. Warm-up order min(i + 1, p); the last step into sigma = 0 returns D,
+    uncorrected (Alg. 1, line 6); a grid ending at sigma_N > 0 returns the last prediction.
     Derived in chapter 11.
     """
     sigmas, sig = _check_sigmas(sigmas, latents)
@@ -161,14 +184,16 @@ def sample_unipc(net, latents, sigmas, class_labels=None, order=2):
         if sig[i + 1] == 0: return D_cur  # eq-ode-euler-to-zero: the last step
         if corrector is not None:  # UniC: re-take the last step with D_cur as one more point, r = 1
             x_prev, rks, rhos_c = corrector
-            D_hat = _unipc_estimate(D_hist[0], D_hist[1:] + [D_cur], rks + [1.0], rhos_c)  # eq-solv-unipc
+            # eq-solv-unipc
+            D_hat = _unipc_estimate(D_hist[0], D_hist[1:] + [D_cur], rks + [1.0], rhos_c)
             x = exponential_step(x_prev, sig[i - 1], sig[i], D_hat)
         D_hist, lam_hist = [D_cur] + D_hist[:order - 1], [-math.log(sig[i])] + lam_hist[:order - 1]
         h = math.log(sig[i] / sig[i + 1])  # h_i = lambda_{i+1} - lambda_i (eq-solv-lambda)
         rks = [(lam - lam_hist[0]) / h for lam in lam_hist[1:]]
         rhos_p, rhos_c = unipc_weights(h, rks, len(D_hist))  # eq-solv-unipc-b
         corrector = (x, rks, rhos_c)
-        x = exponential_step(x, sig[i], sig[i + 1], _unipc_estimate(D_cur, D_hist[1:], rks, rhos_p))  # UniP
+        # UniP
+        x = exponential_step(x, sig[i], sig[i + 1], _unipc_estimate(D_cur, D_hist[1:], rks, rhos_p))
     return x
 
 # %% ../notebooks/11_solvers.ipynb #c895fe36
@@ -180,13 +205,15 @@ def multistep_sampler(net, latents, class_labels=None, randn_like=torch.randn_li
                       sigma_min=0.002, sigma_max=80, rho=7, solver='dpmpp_2m'):
     """A multistep solver of GRID_SOLVERS on the EDM time steps: one NFE per step, NFE = num_steps.
 
-    Paper: Eq. 5 (the rho-spaced sigma grid, sigma_N = 0) as in Alg. 1, with the solvers of chapter 11 in place of
-    Heun. `randn_like` is unused (deterministic); it keeps the signature of the EDM samplers.
+    Paper: Eq. 5 (the rho-spaced sigma grid, sigma_N = 0) as in Alg. 1, with the solvers of chapter
+    11 in place of Heun. `randn_like` is unused (deterministic); it keeps the signature of the EDM
+    samplers.
     Derived in chapter 11.
     """
     if solver not in GRID_SOLVERS:
         raise ValueError(f'unknown solver {solver!r}; expected one of {tuple(GRID_SOLVERS)}')
-    sigmas = edm_t_steps(net, num_steps, sigma_min, sigma_max, rho, latents.device)  # Eq. 5, sigma_N = 0
+    # Eq. 5, sigma_N = 0
+    sigmas = edm_t_steps(net, num_steps, sigma_min, sigma_max, rho, latents.device)
     return GRID_SOLVERS[solver](net, latents, sigmas, class_labels)
 
 
@@ -194,13 +221,15 @@ SOLVERS = {name: partial(multistep_sampler, solver=name) for name in GRID_SOLVER
 
 
 def nfe_to_reach(rows, target):
-    """The smallest measured NFE from which on every measured error is <= target (None if the largest misses).
+    """The smallest measured NFE from which on every measured error is <= target (None if the
+    largest misses).
 
-    Paper: the "NFE for a given quality" reading of Fig. 2 / Fig. 3, made robust to non-monotone errors at low NFE.
-    `rows` is the output of `error_vs_nfe` (chapter 3).
+    Paper: the "NFE for a given quality" reading of Fig. 2 / Fig. 3, made robust to non-monotone
+    errors at low NFE. `rows` is the output of `error_vs_nfe` (chapter 3).
     Derived in chapter 11.
     """
-    if not target > 0 or not rows['nfe']: raise ValueError(f'need a target > 0 and rows, got target={target!r}')
+    if not target > 0 or not rows['nfe']:
+        raise ValueError(f'need a target > 0 and rows, got target={target!r}')
     best = None
     for nfe, error in sorted(zip(rows['nfe'], rows['error']), reverse=True):
         if not error <= target: break

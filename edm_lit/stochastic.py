@@ -13,24 +13,31 @@ from .schedules import ode_derivative
 
 
 class StackedRandomGenerator:
-    """A noise source with one torch.Generator per sample, so that sample i never depends on its batch.
+    """A noise source with one torch.Generator per sample, so that sample i never depends on its
+    batch.
 
-    Paper: the official generate.py `StackedRandomGenerator` (per-seed reproducible sampling, Alg. 2, line 4).
+    Paper: the official generate.py `StackedRandomGenerator` (per-seed reproducible sampling, Alg.
+    2, line 4).
     Derived in chapter 4.
     """
     def __init__(self, device, seeds):
-        if len(seeds) == 0: raise ValueError('seeds must hold one seed per sample, got an empty list')
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        if len(seeds) == 0:
+            raise ValueError('seeds must hold one seed per sample, got an empty list')
+        self.generators = [
+            torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds
+        ]
 
     def _check_batch(self, size):
         """Raise a ValueError unless size starts with the number of generators."""
         if len(size) == 0 or size[0] != len(self.generators):
-            raise ValueError(f'size {tuple(size)} must start with the number of seeds, {len(self.generators)}')
+            raise ValueError(
+                f'size {tuple(size)} must start with the number of seeds, {len(self.generators)}')
 
     def randn(self, size, **kwargs):
         """Standard normal samples of shape `size`; row i comes from generator i."""
         self._check_batch(size)
-        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return torch.stack(
+            [torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
 
     def randn_like(self, input):
         """Standard normal samples shaped like `input`, with its dtype, layout and device."""
@@ -39,11 +46,14 @@ class StackedRandomGenerator:
     def randint(self, *args, size, **kwargs):
         """Random integers (as torch.randint) of shape `size`; row i comes from generator i."""
         self._check_batch(size)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return torch.stack([
+            torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators
+        ])
 
 # %% ../notebooks/04_stochastic.ipynb #b01accc5
 def churn_gamma(t_cur, num_steps, S_churn=0, S_min=0, S_max=float('inf')):
-    """The relative noise increase gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_min, S_max], else 0.
+    """The relative noise increase gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_min, S_max],
+    else 0.
 
     Paper: Alg. 2, line 3 (the definition of gamma_i beside it); Sec. 4.
     Derived in chapter 4.
@@ -52,26 +62,31 @@ def churn_gamma(t_cur, num_steps, S_churn=0, S_min=0, S_max=float('inf')):
 
 
 def churn(net, x_cur, t_cur, gamma, S_noise=1, randn_like=torch.randn_like):
-    """Raise the noise level of x_cur from t_cur to t_hat = (1 + gamma) t_cur with fresh noise: (x_hat, t_hat).
+    """Raise the noise level of x_cur from t_cur to t_hat = (1 + gamma) t_cur with fresh noise:
+    (x_hat, t_hat).
 
-    Paper: Alg. 2, lines 4-6; t_hat is rounded by the denoiser's optional `round_sigma`, as in the official code.
+    Paper: Alg. 2, lines 4-6; t_hat is rounded by the denoiser's optional `round_sigma`, as in the
+    official code.
     Derived in chapter 4.
     """
     round_sigma = getattr(net, 'round_sigma', torch.as_tensor)
     t_hat = round_sigma(t_cur + gamma * t_cur)  # Alg. 2, line 5
     noise = randn_like(x_cur)  # Alg. 2, line 4: eps_i / S_noise
-    return x_cur + (t_hat ** 2 - t_cur ** 2).clip(min=0).sqrt() * S_noise * noise, t_hat  # Alg. 2, line 6
+    # Alg. 2, line 6
+    return x_cur + (t_hat ** 2 - t_cur ** 2).clip(min=0).sqrt() * S_noise * noise, t_hat
 
 
 def _check_churn_args(S_churn, S_min, S_max, S_noise):
     """Raise a ValueError naming the bad value among the stochasticity parameters of Alg. 2."""
     if not S_churn >= 0: raise ValueError(f'S_churn must be >= 0, got {S_churn}')
     if not S_noise >= 0: raise ValueError(f'S_noise must be >= 0, got {S_noise}')
-    if not 0 <= S_min <= S_max: raise ValueError(f'need 0 <= S_min <= S_max, got S_min={S_min}, S_max={S_max}')
+    if not 0 <= S_min <= S_max:
+        raise ValueError(f'need 0 <= S_min <= S_max, got S_min={S_min}, S_max={S_max}')
 
 
-def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
-                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'),
+                S_noise=1):
     """The EDM stochastic sampler: churn the noise level up by gamma_i, then take a Heun step down.
 
     Paper: Alg. 2 with the time steps of Eq. 5 (official generate.py `edm_sampler`, same defaults);
@@ -79,20 +94,24 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     Derived in chapter 4.
     """
     _check_churn_args(S_churn, S_min, S_max, S_noise)
-    t_steps = edm_t_steps(net, num_steps, sigma_min, sigma_max, rho, latents.device)  # Eq. 5, t_N = 0
+    # Eq. 5, t_N = 0
+    t_steps = edm_t_steps(net, num_steps, sigma_min, sigma_max, rho, latents.device)
     derivative = denoiser_derivative(net, class_labels)  # Alg. 2, lines 7 and 10
     x_next = latents.to(torch.float64) * t_steps[0]  # Alg. 2, line 2
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # Alg. 2, line 3
         gamma = churn_gamma(t_cur, num_steps, S_churn, S_min, S_max)  # Alg. 2, line 3 (gamma_i)
         x_hat, t_hat = churn(net, x_next, t_cur, gamma, S_noise, randn_like)  # Alg. 2, lines 4-6
-        x_next = ode_step(derivative, x_hat, t_hat, t_next, last=i == num_steps - 1)  # Alg. 2, lines 7-11
+        # Alg. 2, lines 7-11
+        x_next = ode_step(derivative, x_hat, t_hat, t_next, last=i == num_steps - 1)
     return x_next
 
 # %% ../notebooks/04_stochastic.ipynb #76a1ac7b
 def general_churn(net, x_cur, t_cur, gamma, sched, S_noise=1, randn_like=torch.randn_like):
-    """Raise the noise level of x_cur from σ(t_cur) to (1 + gamma) σ(t_cur) under any σ(t), s(t): (x_hat, t_hat).
+    """Raise the noise level of x_cur from σ(t_cur) to (1 + gamma) σ(t_cur) under any σ(t), s(t):
+    (x_hat, t_hat).
 
-    Paper: Alg. 2, lines 4-6 in the general form of the official `ablation_sampler` (eq-sto-churn-general).
+    Paper: Alg. 2, lines 4-6 in the general form of the official `ablation_sampler`
+    (eq-sto-churn-general).
     Derived in chapter 4.
     """
     noise = randn_like(x_cur)  # Alg. 2, line 4: drawn every step, as the official code does
@@ -107,23 +126,27 @@ def general_churn(net, x_cur, t_cur, gamma, sched, S_noise=1, randn_like=torch.r
 
 
 def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                     sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm', schedule='linear',
-                     scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
-                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+                     sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm',
+                     schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008,
+                     M=1000, alpha=1, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
     """The official generalized sampler: any column of Table 1, with Algorithm 2's churn on top.
 
-    Paper: Alg. 2 in general form (official generate.py `ablation_sampler`, same signature and defaults);
-    with S_churn = 0 it is chapter 3's deterministic `ablation_sampler` operation for operation.
+    Paper: Alg. 2 in general form (official generate.py `ablation_sampler`, same signature and
+    defaults); with S_churn = 0 it is chapter 3's deterministic `ablation_sampler` operation for
+    operation.
     Derived in chapter 4.
     """
     _check_solver(solver, alpha)
     _check_churn_args(S_churn, S_min, S_max, S_noise)
-    sched, t_steps = ablation_time_steps(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule,
-                                         scaling, epsilon_s, C_1, C_2, M, latents.device)
+    sched, t_steps = ablation_time_steps(net, num_steps, sigma_min, sigma_max, rho, discretization,
+                                         schedule, scaling, epsilon_s, C_1, C_2, M, latents.device)
     derivative = lambda x, t: ode_derivative(x, t, net, sched, class_labels)  # Eq. 4
-    x_next = latents.to(torch.float64) * (sched.sigma(t_steps[0]) * sched.s(t_steps[0]))  # Alg. 2, line 2
+    # Alg. 2, line 2
+    x_next = latents.to(torch.float64) * (sched.sigma(t_steps[0]) * sched.s(t_steps[0]))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # Alg. 2, line 3
-        gamma = churn_gamma(sched.sigma(t_cur), num_steps, S_churn, S_min, S_max)  # window on σ(t_i)
-        x_hat, t_hat = general_churn(net, x_next, t_cur, gamma, sched, S_noise, randn_like)  # lines 4-6
+        # window on σ(t_i)
+        gamma = churn_gamma(sched.sigma(t_cur), num_steps, S_churn, S_min, S_max)
+        # lines 4-6
+        x_hat, t_hat = general_churn(net, x_next, t_cur, gamma, sched, S_noise, randn_like)
         x_next = ode_step(derivative, x_hat, t_hat, t_next, solver, alpha, last=i == num_steps - 1)
     return x_next

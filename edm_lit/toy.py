@@ -10,9 +10,11 @@ import torch
 
 # %% ../notebooks/01_denoising.ipynb #83ce2d42
 def _sigma_column(sigma, x: torch.Tensor, allow_zero: bool = False) -> torch.Tensor:
-    """sigma as a float64 tensor of shape (N, 1, ..., 1) that broadcasts against a batch x of shape (N, ...).
+    """sigma as a float64 tensor of shape (N, 1, ..., 1) that broadcasts against a batch x of shape
+    (N, ...).
 
-    Accepts a Python float, a 0-d tensor or one sigma per sample, of shape (N,), (N, 1) or (N, 1, ..., 1).
+    Accepts a Python float, a 0-d tensor or one sigma per sample, of shape (N,), (N, 1) or (N, 1,
+    ..., 1).
     Derived in chapter 1.
     """
     if x.ndim < 1: raise ValueError('x must be a batch of shape (N, ...), got a 0-d tensor')
@@ -31,19 +33,24 @@ def _sigma_column(sigma, x: torch.Tensor, allow_zero: bool = False) -> torch.Ten
 def score_from_denoiser(D_x: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
     """The score grad_x log p(x; sigma) recovered from a denoiser's output D_x = D(x; sigma).
 
-    Eq. 3 of Karras et al. (2022), Tweedie's formula; sigma is a float, a 0-d tensor or one sigma per sample.
+    Eq. 3 of Karras et al. (2022), Tweedie's formula; sigma is a float, a 0-d tensor or one sigma
+    per sample.
     Derived in chapter 1.
     """
     if D_x.shape != x.shape:
-        raise ValueError(f'D_x has shape {tuple(D_x.shape)} but x has shape {tuple(x.shape)}; expected equal shapes')
+        raise ValueError(
+            f'D_x has shape {tuple(D_x.shape)} but x has shape {tuple(x.shape)}; expected equal shapes'
+        )
     sigma = _sigma_column(sigma, x)
     return ((D_x - x) / sigma.square()).to(torch.promote_types(D_x.dtype, x.dtype))  # Eq. 3
 
 # %% ../notebooks/01_denoising.ipynb #3f64cb82
 def _softmax_average(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Softmax-weighted average of the rows of y (M, P) for flattened inputs x (n, P) and sigma (n, 1).
+    """Softmax-weighted average of the rows of y (M, P) for flattened inputs x (n, P) and sigma (n,
+    1).
 
-    The ideal denoiser of a finite set, in the form of eq-denoise-finite-logits (Eq. 2-3 of Karras et al., 2022).
+    The ideal denoiser of a finite set, in the form of eq-denoise-finite-logits (Eq. 2-3 of Karras
+    et al., 2022).
     Derived in chapter 1.
     """
     logits = (x @ y.T - 0.5 * y.square().sum(1)) / sigma.square()  # ||x||^2 cancels in the softmax
@@ -62,55 +69,70 @@ class FiniteSetDenoiser(torch.nn.Module):
         super().__init__()
         y = torch.as_tensor(y)
         if y.ndim < 2 or len(y) < 1:
-            raise ValueError(f'y must have shape (M, *shape) with M >= 1 points, got {tuple(y.shape)}')
+            raise ValueError(
+                f'y must have shape (M, *shape) with M >= 1 points, got {tuple(y.shape)}')
         if not torch.isfinite(y).all(): raise ValueError('y must be finite; it holds inf or nan')
         if max_chunk < 1: raise ValueError(f'max_chunk must be >= 1, got {max_chunk}')
         self.max_chunk = int(max_chunk)
         self.register_buffer('y', y.to(torch.float64))
 
     def round_sigma(self, sigma):
-        """sigma as a tensor: exact at every sigma > 0 (round_sigma of EDMPrecond in the official code).
+        """sigma as a tensor: exact at every sigma > 0 (round_sigma of EDMPrecond in the official
+        code).
 
         Derived in chapter 1.
         """
         return torch.as_tensor(sigma)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        """D(x; sigma) for x of shape (N, *shape); class_labels is ignored (the set is unconditional).
+        """D(x; sigma) for x of shape (N, *shape); class_labels is ignored (the set is
+        unconditional).
 
         eq-denoise-finite-logits, the minimizer of Eq. 2 of Karras et al. (2022) on the set.
         Derived in chapter 1.
         """
         if x.ndim < 1 or tuple(x.shape[1:]) != tuple(self.y.shape[1:]):
-            raise ValueError(f'x must have shape (N, {", ".join(map(str, self.y.shape[1:]))}) like the data, '
-                             f'got {tuple(x.shape)}')
+            raise ValueError(
+                f'x must have shape (N, {", ".join(map(str, self.y.shape[1:]))}) like the data, '
+                f'got {tuple(x.shape)}')
         sigma = _sigma_column(sigma, x).reshape(-1, 1)
         y, x64 = self.y.to(x.device).flatten(1), x.to(torch.float64).flatten(1)
         rows = max(1, self.max_chunk // len(y))
-        parts = [_softmax_average(x64[i:i + rows], sigma[i:i + rows], y) for i in range(0, len(x64), rows)]
+        parts = [
+            _softmax_average(x64[i:i + rows], sigma[i:i + rows], y)
+            for i in range(0, len(x64), rows)
+        ]
         D_x = torch.cat(parts) if parts else x64
         return D_x.reshape(x.shape).to(x.dtype)
 
 # %% ../notebooks/01_denoising.ipynb #2b796ef9
 class GaussianMixture(torch.nn.Module):
-    """Data p_data(y) = sum_k w_k N(y; mu_k, s_k^2 I) with its noised density, ideal denoiser and score in closed form.
+    """Data p_data(y) = sum_k w_k N(y; mu_k, s_k^2 I) with its noised density, ideal denoiser and
+    score in closed form.
 
-    Eq. 1-3 of Karras et al. (2022) for mixture data: eq-denoise-mixture-density, eq-denoise-resp, eq-denoise-mixture.
+    Eq. 1-3 of Karras et al. (2022) for mixture data: eq-denoise-mixture-density, eq-denoise-resp,
+    eq-denoise-mixture.
     Derived in chapter 1.
     """
     sigma_min, sigma_max = 0.0, math.inf
 
     def __init__(self, weights, means, stds):
         super().__init__()
-        weights, means, stds = (torch.as_tensor(v, dtype=torch.float64) for v in (weights, means, stds))
+        weights, means, stds = (torch.as_tensor(v, dtype=torch.float64)
+                                for v in (weights, means, stds))
         K = len(weights) if weights.ndim == 1 else 0
-        _require(K >= 1, f'weights must have shape (K,) with K >= 1, got shape {tuple(weights.shape)}')
-        _require(means.ndim == 2 and len(means) == K, f'means must have shape (K={K}, d), got {tuple(means.shape)}')
+        _require(K >= 1,
+                 f'weights must have shape (K,) with K >= 1, got shape {tuple(weights.shape)}')
+        _require(means.ndim == 2 and len(means) == K,
+                 f'means must have shape (K={K}, d), got {tuple(means.shape)}')
         _require(stds.shape == (K,), f'stds must have shape (K={K},), got {tuple(stds.shape)}')
         _require(bool(torch.isfinite(weights).all() and (weights >= 0).all()),
                  f'weights must be finite and >= 0, got {weights.tolist()}')
-        _require(abs(weights.sum().item() - 1) <= 1e-6, f'weights must sum to 1, got sum {weights.sum().item():.6g}')
-        _require(bool(torch.isfinite(stds).all() and (stds > 0).all()), f'stds must be > 0, got {stds.tolist()}')
+        _require(
+            abs(weights.sum().item() - 1) <= 1e-6,
+            f'weights must sum to 1, got sum {weights.sum().item():.6g}')
+        _require(bool(torch.isfinite(stds).all() and (stds > 0).all()),
+                 f'stds must be > 0, got {stds.tolist()}')
         _require(bool(torch.isfinite(means).all()), 'means must be finite; they hold inf or nan')
         self.register_buffer('weights', weights / weights.sum())
         self.register_buffer('means', means)
@@ -139,44 +161,55 @@ class GaussianMixture(torch.nn.Module):
         """
         second = torch.einsum('k,ki,kj->ij', self.weights, self.means, self.means)
         eye = torch.eye(self.dim, dtype=self.means.dtype, device=self.means.device)
-        return second + (self.weights @ self.stds.square()) * eye - torch.outer(self.mean, self.mean)
+        return second + (self.weights @ self.stds.square()) * eye - torch.outer(
+            self.mean, self.mean)
 
     def round_sigma(self, sigma):
-        """sigma as a tensor: exact at every sigma > 0 (round_sigma of EDMPrecond in the official code).
+        """sigma as a tensor: exact at every sigma > 0 (round_sigma of EDMPrecond in the official
+        code).
 
         Derived in chapter 1.
         """
         return torch.as_tensor(sigma)
 
     def sample(self, n: int, generator=None) -> torch.Tensor:
-        """n samples y ~ p_data (float64, (n, d)): a component k with probability w_k, then mu_k + s_k z, z ~ N(0, I).
+        """n samples y ~ p_data (float64, (n, d)): a component k with probability w_k, then mu_k +
+        s_k z, z ~ N(0, I).
 
         The data at sigma = 0 of eq-denoise-noised (section 2 of Karras et al., 2022).
         Derived in chapter 1.
         """
-        if isinstance(n, bool) or int(n) != n or n < 1: raise ValueError(f'n must be a positive integer, got {n!r}')
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f'n must be a positive integer, got {n!r}')
         k = torch.multinomial(self.weights, int(n), replacement=True, generator=generator)
-        z = torch.randn(int(n), self.dim, generator=generator, dtype=torch.float64, device=self.means.device)
+        z = torch.randn(int(n), self.dim, generator=generator, dtype=torch.float64,
+                        device=self.means.device)
         return self.means[k] + self.stds[k, None] * z
 
     def _components(self, x: torch.Tensor, sigma, allow_zero: bool = False):
-        """x in float64, the variances s_k^2 + sigma^2 (N, K) and the logits of eq-denoise-resp (N, K).
+        """x in float64, the variances s_k^2 + sigma^2 (N, K) and the logits of eq-denoise-resp (N,
+        K).
 
         Derived in chapter 1.
         """
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f'x must have shape (N, {self.dim}) like the means, got {tuple(x.shape)}')
-        x64, sigma = x.to(torch.float64), _sigma_column(sigma, x, allow_zero)          # sigma: (N, 1)
+            raise ValueError(
+                f'x must have shape (N, {self.dim}) like the means, got {tuple(x.shape)}')
+        # sigma: (N, 1)
+        x64, sigma = x.to(torch.float64), _sigma_column(sigma, x, allow_zero)
         w, mu, s = (b.to(x.device, torch.float64) for b in (self.weights, self.means, self.stds))
-        var = s.square() + sigma.square()                                                # s_k^2 + sigma^2
-        sq_dist = (x64[:, None] - mu).square().sum(-1)                                   # |x - mu_k|^2
+        # s_k^2 + sigma^2
+        var = s.square() + sigma.square()
+        # |x - mu_k|^2
+        sq_dist = (x64[:, None] - mu).square().sum(-1)
         logits = w.log() - sq_dist / (2 * var) - 0.5 * self.dim * torch.log(2 * math.pi * var)
         return x64, var, logits
 
     def log_prob(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """log p(x; sigma) of shape (N,); sigma = 0 gives the data density itself.
 
-        eq-denoise-mixture-density: the noised density of section 2 of Karras et al. (2022) for mixture data.
+        eq-denoise-mixture-density: the noised density of section 2 of Karras et al. (2022) for
+        mixture data.
         Derived in chapter 1.
         """
         return torch.logsumexp(self._components(x, sigma, allow_zero=True)[2], dim=1).to(x.dtype)
@@ -188,9 +221,12 @@ class GaussianMixture(torch.nn.Module):
         Derived in chapter 1.
         """
         x64, var, logits = self._components(x, sigma)
-        r = torch.softmax(logits, dim=1)                                                 # eq-denoise-resp
-        shrink = r * self.stds.to(x.device, torch.float64).square() / var                # r_k s_k^2 / (s_k^2 + sigma^2)
-        D_x = (r - shrink) @ self.means.to(x.device, torch.float64) + shrink.sum(1, keepdim=True) * x64
+        # eq-denoise-resp
+        r = torch.softmax(logits, dim=1)
+        # r_k s_k^2 / (s_k^2 + sigma^2)
+        shrink = r * self.stds.to(x.device, torch.float64).square() / var
+        D_x = (r - shrink) @ self.means.to(x.device, torch.float64) + shrink.sum(1,
+                                                                                 keepdim=True) * x64
         return D_x.to(x.dtype)
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -200,11 +236,14 @@ class GaussianMixture(torch.nn.Module):
         Derived in chapter 1.
         """
         x64, var, logits = self._components(x, sigma)
-        q = torch.softmax(logits, dim=1) / var                                           # r_k / (s_k^2 + sigma^2)
-        return (q @ self.means.to(x.device, torch.float64) - q.sum(1, keepdim=True) * x64).to(x.dtype)
+        # r_k / (s_k^2 + sigma^2)
+        q = torch.softmax(logits, dim=1) / var
+        return (q @ self.means.to(x.device, torch.float64) - q.sum(1, keepdim=True) * x64).to(
+            x.dtype)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        """The denoiser with the house interface net(x, sigma, class_labels=None); class_labels is ignored.
+        """The denoiser with the house interface net(x, sigma, class_labels=None); class_labels is
+        ignored.
 
         eq-denoise-mixture (Eq. 2-3 of Karras et al., 2022).
         Derived in chapter 1.
@@ -221,30 +260,37 @@ def _require(condition: bool, message: str):
 
 
 def ring_mixture(num_components: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:
-    """2-D toy data: equal-weight Gaussians of standard deviation std, their means evenly spaced on a circle.
+    """2-D toy data: equal-weight Gaussians of standard deviation std, their means evenly spaced on
+    a circle.
 
     Not from the paper: the standard 2-D test distribution of diffusion tutorials (its mean is 0).
     Derived in chapter 1.
     """
-    if isinstance(num_components, bool) or int(num_components) != num_components or num_components < 1:
+    if isinstance(num_components,
+                  bool) or int(num_components) != num_components or num_components < 1:
         raise ValueError(f'num_components must be a positive integer, got {num_components!r}')
     angle = 2 * math.pi * torch.arange(int(num_components), dtype=torch.float64) / num_components
     means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
-    return GaussianMixture(torch.full_like(angle, 1 / num_components), means, torch.full_like(angle, std))
+    return GaussianMixture(torch.full_like(angle, 1 / num_components), means,
+                           torch.full_like(angle, std))
 
 # %% ../notebooks/06_objective.ipynb #df92f4a0
 class ToyMLP(torch.nn.Module):
-    """A small MLP F(x_in; c_noise) for d-dimensional data, with sine/cosine features of the noise label.
+    """A small MLP F(x_in; c_noise) for d-dimensional data, with sine/cosine features of the noise
+    label.
 
-    The inner network of the toy experiment (Eq. 7's F_θ); called like the U-Nets: `(x, noise_labels, class_labels,
-    augment_labels)`, labels other than the noise label ignored.
+    The inner network of the toy experiment (Eq. 7's F_θ); called like the U-Nets: `(x,
+    noise_labels, class_labels, augment_labels)`, labels other than the noise label ignored.
     Derived in chapter 6.
     """
     def __init__(self, dim: int = 2, hidden: int = 64, num_layers: int = 3, num_freqs: int = 4):
         super().__init__()
         self.register_buffer('freqs', torch.pi * 2.0 ** torch.arange(num_freqs))
         widths = [dim + 1 + 2 * num_freqs] + [hidden] * num_layers
-        layers = [m for a, b in zip(widths[:-1], widths[1:]) for m in (torch.nn.Linear(a, b), torch.nn.SiLU())]
+        layers = [
+            m for a, b in zip(widths[:-1], widths[1:])
+            for m in (torch.nn.Linear(a, b), torch.nn.SiLU())
+        ]
         self.net = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, dim))
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
@@ -256,11 +302,13 @@ class ToyMLP(torch.nn.Module):
 from .precond import as_sigma
 
 
-def train_toy(net, loss_fn, sample, optimizer, num_steps: int, batch_size: int = 512, generator=None) -> list:
-    """Minimise the loss Eq. 2 over batches `sample(batch_size, generator=generator)` with `optimizer`.
+def train_toy(net, loss_fn, sample, optimizer, num_steps: int, batch_size: int = 512,
+              generator=None) -> list:
+    """Minimise the loss Eq. 2 over batches `sample(batch_size, generator=generator)` with
+    `optimizer`.
 
-    The minimal loop of the toy experiment: per step, loss summed over elements and averaged over the batch (as the
-    official training loop does). Returns the loss of every step.
+    The minimal loop of the toy experiment: per step, loss summed over elements and averaged over
+    the batch (as the official training loop does). Returns the loss of every step.
     Derived in chapter 6.
     """
     losses = []
@@ -276,10 +324,11 @@ def train_toy(net, loss_fn, sample, optimizer, num_steps: int, batch_size: int =
 
 @torch.no_grad()
 def denoising_error(net, y, sigma, target=None, generator=None) -> torch.Tensor:
-    """E‖D(y + n; σ) − T‖² per sample (summed over coordinates), n ~ N(0, σ² I), T = y or `target(y + n, σ)`.
+    """E‖D(y + n; σ) − T‖² per sample (summed over coordinates), n ~ N(0, σ² I), T = y or `target(y
+    + n, σ)`.
 
-    With T = y this is the unweighted loss of Eq. 2 at one σ; with the ideal denoiser as `target` it is the reducible
-    part of that loss (eq-loss-excess).
+    With T = y this is the unweighted loss of Eq. 2 at one σ; with the ideal denoiser as `target` it
+    is the reducible part of that loss (eq-loss-excess).
     Derived in chapter 6.
     """
     sigma = as_sigma(sigma)

@@ -26,13 +26,16 @@ __all__ = ['STREAM_INIT', 'STREAM_DATA', 'STREAM_STEP', 'PRECISIONS', 'TRAJECTOR
            'redistribute_capacity', 'ladder_settings']
 
 # %% ../notebooks/09_training.ipynb #d567fbb5
-def ema_beta(cur_nimg: int, batch_size: int, ema_halflife_nimg: float, ema_rampup_ratio: float | None = 0.05) -> float:
-    """EMA decay per step for a half-life in images: beta = 0.5 ** (batch_size / half-life), with ramp-up.
+def ema_beta(cur_nimg: int, batch_size: int, ema_halflife_nimg: float,
+             ema_rampup_ratio: float | None = 0.05) -> float:
+    """EMA decay per step for a half-life in images: beta = 0.5 ** (batch_size / half-life), with
+    ramp-up.
 
     Official training loop (NVlabs/edm `training_loop.py`, 'Update EMA'). Derived in chapter 9.
     """
     halflife_nimg = ema_halflife_nimg
-    if ema_rampup_ratio is not None: halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)  # ramp-up
+    # ramp-up
+    if ema_rampup_ratio is not None: halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))  # Eq. eq-train-ema-beta
 
 
@@ -51,7 +54,8 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
 def learning_rate(cur_nimg: int, lr: float, lr_rampup_nimg: float) -> float:
     """Learning rate ramped up linearly over `lr_rampup_nimg` images: lr * min(cur_nimg / ramp, 1).
 
-    Official training loop, 'Update weights' (lr_rampup_kimg = 10000); no ramp-up when lr_rampup_nimg <= 0.
+    Official training loop, 'Update weights' (lr_rampup_kimg = 10000); no ramp-up when
+    lr_rampup_nimg <= 0.
     Derived in chapter 9.
     """
     if lr_rampup_nimg <= 0: return lr
@@ -66,32 +70,41 @@ def derive_seed(*words: int) -> int:
 
     No counterpart in the official loop (it seeds once per process). Derived in chapter 9.
     """
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([int(w)
+                                for w in words]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(seed: int, epoch: int, num_images: int) -> torch.Tensor:
-    """The order of the data set in epoch `epoch`: a permutation drawn from a generator seeded by (seed, epoch).
+    """The order of the data set in epoch `epoch`: a permutation drawn from a generator seeded by
+    (seed, epoch).
 
-    Official: misc.InfiniteSampler (which keeps its state in the process instead). Derived in chapter 9.
+    Official: misc.InfiniteSampler (which keeps its state in the process instead). Derived in
+    chapter 9.
     """
     g = torch.Generator().manual_seed(derive_seed(seed, STREAM_DATA, epoch))
     return torch.randperm(num_images, generator=g)
 
 
 def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> torch.Tensor:
-    """Data indices of the global batch of training step `step`: positions step*B ... (step+1)*B - 1 of the stream.
+    """Data indices of the global batch of training step `step`: positions step*B ... (step+1)*B - 1
+    of the stream.
 
-    A pure function of (step, seed): resuming at any step reads exactly the images an uninterrupted run reads.
+    A pure function of (step, seed): resuming at any step reads exactly the images an uninterrupted
+    run reads.
     Derived in chapter 9.
     """
     pos = torch.arange(step * batch_size, (step + 1) * batch_size)
     epoch, offset = pos // num_images, pos % num_images
-    return torch.cat([epoch_permutation(seed, int(e), num_images)[offset[epoch == e]] for e in epoch.unique()])
+    return torch.cat(
+        [epoch_permutation(seed, int(e), num_images)[offset[epoch == e]] for e in epoch.unique()])
 
 
-def local_batches(indices: torch.Tensor, rank: int, world_size: int, batch_gpu: int | None) -> tuple:
-    """This rank's share of a global batch, split into accumulation rounds of at most `batch_gpu` images.
+def local_batches(indices: torch.Tensor, rank: int, world_size: int,
+                  batch_gpu: int | None) -> tuple:
+    """This rank's share of a global batch, split into accumulation rounds of at most `batch_gpu`
+    images.
 
     Official training loop, 'Accumulate gradients' (batch_size = batch_gpu * rounds * world_size).
     Derived in chapter 9.
@@ -103,21 +116,25 @@ def local_batches(indices: torch.Tensor, rank: int, world_size: int, batch_gpu: 
 # %% ../notebooks/09_training.ipynb #f2dac3a3
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of the training loop; defaults are the paper's CIFAR-10 setup (official `train.py`).
+    """Hyper-parameters of the training loop; defaults are the paper's CIFAR-10 setup (official
+    `train.py`).
 
-    Paper App. F / official train.py: batch 512, Adam lr 10e-4, lr ramp-up 10 Mimg, EMA half-life 0.5 Mimg, 200 Mimg.
-    Durations are in images (nimg), intervals in steps. Derived in chapter 9.
+    Paper App. F / official train.py: batch 512, Adam lr 10e-4, lr ramp-up 10 Mimg, EMA half-life
+    0.5 Mimg, 200 Mimg. Durations are in images (nimg), intervals in steps. Derived in chapter 9.
     """
     batch_size: int = 512                  # total over ranks and accumulation rounds
-    batch_gpu: int | None = None           # limit per rank and round; None = batch_size // world_size
+    # limit per rank and round; None = batch_size // world_size
+    batch_gpu: int | None = None
     total_nimg: int = 200_000_000          # training duration in images
     lr: float = 10e-4
     lr_rampup_nimg: float = 10_000_000
     ema_halflife_nimg: float = 500_000
     ema_rampup_ratio: float | None = 0.05
     loss_scaling: float = 1.0
-    grad_clip: float | None = None         # clip the gradient's L2 norm to this (Song et al.: 1); None: no clipping
-    xflip: bool = False                    # mirror each training image with probability 1/2 (dataset x-flips)
+    # clip the gradient's L2 norm to this (Song et al.: 1); None: no clipping
+    grad_clip: float | None = None
+    # mirror each training image with probability 1/2 (dataset x-flips)
+    xflip: bool = False
     seed: int = 0
     precision: str = 'fp32'                # 'fp32' (TF32 off, as official) or 'bf16' (autocast)
     compile: bool = False                  # torch.compile the network
@@ -129,50 +146,70 @@ class TrainConfig:
     keep: int = 2                          # checkpoints kept on disk; 0: all
 
     def __post_init__(self):
-        for name in ('batch_size', 'total_nimg', 'lr', 'log_every', 'loss_scaling', 'ema_halflife_nimg', 'batch_gpu',
-                     'checkpoint_every', 'grid_every', 'ema_rampup_ratio', 'grad_clip'):
+        for name in ('batch_size', 'total_nimg', 'lr', 'log_every', 'loss_scaling',
+                     'ema_halflife_nimg', 'batch_gpu', 'checkpoint_every', 'grid_every',
+                     'ema_rampup_ratio', 'grad_clip'):
             value = getattr(self, name)
-            if value is not None and not value > 0: raise ValueError(f'{name} must be positive, got {value!r}')
+            if value is not None and not value > 0:
+                raise ValueError(f'{name} must be positive, got {value!r}')
         if self.seed < 0 or self.keep < 0 or self.lr_rampup_nimg < 0:
-            raise ValueError(f'seed, keep and lr_rampup_nimg must be >= 0, got {self.seed}, {self.keep}, '
-                             f'{self.lr_rampup_nimg}')
+            raise ValueError(
+                f'seed, keep and lr_rampup_nimg must be >= 0, got {self.seed}, {self.keep}, '
+                f'{self.lr_rampup_nimg}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'unknown precision {self.precision!r}; expected one of {PRECISIONS}')
 
     @property
     def total_steps(self) -> int:
-        """Number of optimizer steps: the official loop stops once cur_nimg >= total_nimg. Derived in chapter 9."""
+        """Number of optimizer steps: the official loop stops once cur_nimg >= total_nimg. Derived
+        in chapter 9."""
         return -(-self.total_nimg // self.batch_size)
 
     def check_world(self, world_size: int) -> int:
-        """Images per rank and step; raises if the batch does not split evenly. Derived in chapter 9."""
+        """Images per rank and step; raises if the batch does not split evenly. Derived in chapter
+        9."""
         per_rank, rest = divmod(self.batch_size, world_size)
         if rest or (self.batch_gpu and per_rank % min(self.batch_gpu, per_rank)):
-            raise ValueError(f'batch_size {self.batch_size} must split into {world_size} rank(s) x rounds of '
-                             f'batch_gpu {self.batch_gpu}')
+            raise ValueError(
+                f'batch_size {self.batch_size} must split into {world_size} rank(s) x rounds of '
+                f'batch_gpu {self.batch_gpu}')
         return per_rank
 
 
 PRECISIONS = ('fp32', 'bf16')
 
 
-TRAJECTORY = ('batch_size', 'batch_gpu', 'lr', 'lr_rampup_nimg', 'ema_halflife_nimg', 'ema_rampup_ratio',
-              'loss_scaling', 'grad_clip', 'xflip', 'seed', 'precision')  # must match on resume for the run to continue exactly
+TRAJECTORY = (
+    'batch_size',
+    'batch_gpu',
+    'lr',
+    'lr_rampup_nimg',
+    'ema_halflife_nimg',
+    'ema_rampup_ratio',
+    # must match on resume for the run to continue exactly
+    'loss_scaling',
+    'grad_clip',
+    'xflip',
+    'seed',
+    'precision')
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite: the run stopped and wrote no checkpoint. Derived in chapter 9."""
+    """The training loss became NaN or infinite: the run stopped and wrote no checkpoint. Derived in
+    chapter 9."""
 
 # %% ../notebooks/09_training.ipynb #248c1113
 def init_distributed(device=None) -> tuple[torch.device, int, int]:
-    """(device, rank, world_size); joins the process group that `torchrun` describes (nccl on CUDA, gloo on CPU).
+    """(device, rank, world_size); joins the process group that `torchrun` describes (nccl on CUDA,
+    gloo on CPU).
 
     Official: torch_utils/distributed.py init(). Derived in chapter 9.
     """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if device is None:
         cuda = torch.cuda.is_available()
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0'))) if cuda else torch.device('cpu')
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK',
+                                                         '0'))) if cuda else torch.device('cpu')
     device = torch.device(device)
     if world_size > 1 and not torch.distributed.is_initialized():
         if device.type == 'cuda': torch.cuda.set_device(device)
@@ -181,21 +218,26 @@ def init_distributed(device=None) -> tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
-def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_dim=0, augment_pipe=None):
-    """Forward and backward over this rank's accumulation rounds; returns the mean per-element loss (a tensor).
+def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_dim=0,
+                         augment_pipe=None):
+    """Forward and backward over this rank's accumulation rounds; returns the mean per-element loss
+    (a tensor).
 
-    Official training loop, 'Accumulate gradients': loss.sum() * loss_scaling / (images per rank). Derived in chapter 9.
+    Official training loop, 'Accumulate gradients': loss.sum() * loss_scaling / (images per rank).
+    Derived in chapter 9.
     """
     per_rank, total = sum(len(r) for r in rounds), 0.0
     for i, idx in enumerate(rounds):
         images = dataset.images[idx].to(device, non_blocking=True)
-        if config.xflip:  # each image mirrored with probability 1/2, drawn from the step's seeded stream
+        # each image mirrored with probability 1/2, drawn from the step's seeded stream
+        if config.xflip:
             flip = (torch.rand(len(idx)) < 0.5).to(device)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if config.channels_last: images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.nn.functional.one_hot(dataset.labels[idx], label_dim).to(device, torch.float32) \
             if label_dim else None
-        sync = net.no_sync() if i < len(rounds) - 1 and hasattr(net, 'no_sync') else contextlib.nullcontext()
+        sync = net.no_sync() if i < len(rounds) - 1 and hasattr(
+            net, 'no_sync') else contextlib.nullcontext()
         with sync:  # DDP all-reduces the gradients on the last round only
             with torch.autocast(device.type, torch.bfloat16, enabled=config.precision == 'bf16'):
                 loss = loss_fn(net=net, images=images, labels=labels, augment_pipe=augment_pipe)
@@ -206,8 +248,9 @@ def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_di
 
 def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
                    grad_clip: float | None = None) -> None:
-    """Set the learning rate, replace NaN/inf gradients (nan -> 0, +-inf -> +-1e5), clip the gradient's L2 norm to
-    `grad_clip` if given (Song et al.'s baseline: 1; EDM: none) and take an Adam step.
+    """Set the learning rate, replace NaN/inf gradients (nan -> 0, +-inf -> +-1e5), clip the
+    gradient's L2 norm to `grad_clip` if given (Song et al.'s baseline: 1; EDM: none) and take an
+    Adam step.
 
     Official training loop, 'Update weights'. Derived in chapter 9.
     """
@@ -219,7 +262,8 @@ def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: f
 
 
 def global_mean(value: torch.Tensor, world_size: int) -> float:
-    """The mean of `value` over all ranks, as a Python float (a synchronization point). Derived in chapter 9."""
+    """The mean of `value` over all ranks, as a Python float (a synchronization point). Derived in
+    chapter 9."""
     if world_size > 1:
         value = value.clone()
         torch.distributed.all_reduce(value)
@@ -232,37 +276,48 @@ def is_due(step: int, every: int | None) -> bool:
     return every is not None and step % every == 0
 
 
-def make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam with the paper's betas (0.9, 0.999) and eps 1e-8; fused on CUDA unless `config.fused_adam` says otherwise.
+def make_optimizer(net: torch.nn.Module, config: TrainConfig,
+                   device: torch.device) -> torch.optim.Adam:
+    """Adam with the paper's betas (0.9, 0.999) and eps 1e-8; fused on CUDA unless
+    `config.fused_adam` says otherwise.
 
     Official `train.py` optimizer_kwargs. Derived in chapter 9.
     """
     fused = device.type == 'cuda' if config.fused_adam is None else config.fused_adam
-    return torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    return torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                            fused=fused or None)
 
 
-def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, meta=None, label_dim=0,
-                  augment_pipe=None, resume=None, device=None, callback=None, grid_fn=None, progress=True):
-    """Train the denoiser `net` on `dataset` with `loss_fn`; returns (ema, history of metric records).
+def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, meta=None,
+                  label_dim=0, augment_pipe=None, resume=None, device=None, callback=None,
+                  grid_fn=None, progress=True):
+    """Train the denoiser `net` on `dataset` with `loss_fn`; returns (ema, history of metric
+    records).
 
-    The official training loop, step by step: seeded batches, accumulated gradients, lr ramp-up, gradient NaN guard,
-    Adam, EMA; every tick a loss check (a NaN/inf loss raises TrainingDiverged before anything is written), metrics
-    and — on rank 0 only — checkpoints and `grid_fn(ema, png_path)` sample grids in `run_dir`, a folder that belongs
-    to this run alone (`runs.start_run`). `resume` names a checkpoint to continue exactly from (never pruned);
+    The official training loop, step by step: seeded batches, accumulated gradients, lr ramp-up,
+    gradient NaN guard, Adam, EMA; every tick a loss check (a NaN/inf loss raises TrainingDiverged
+    before anything is written), metrics and — on rank 0 only — checkpoints and `grid_fn(ema,
+    png_path)` sample grids in `run_dir`, a folder that belongs to this run alone
+    (`runs.start_run`). `resume` names a checkpoint to continue exactly from (never pruned);
     `callback(step)` runs after every step. Derived in chapter 9.
     """
     device, rank, world_size = init_distributed(device)
-    if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     config.check_world(world_size)
     net.train().requires_grad_(True).to(device)
     if config.channels_last: net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer, start, last = make_optimizer(net, config, device), 0, resume
     if resume is not None:
-        start, _ = ckpt.restore_training_state(resume, net, ema, optimizer, {k: getattr(config, k) for k in TRAJECTORY},
-                                              defaults={f.name: f.default for f in fields(TrainConfig)})
+        start, _ = ckpt.restore_training_state(
+            resume, net, ema, optimizer, {k: getattr(config, k)
+                                          for k in TRAJECTORY},
+            defaults={f.name: f.default
+                      for f in fields(TrainConfig)})
     meta = dict(meta or {}, config=asdict(config), world_size=world_size)
-    lock = contextlib.ExitStack()  # the run folder's lock, held for the loop and given back however it ends
+    # the run folder's lock, held for the loop and given back however it ends
+    lock = contextlib.ExitStack()
     if run_dir is not None and rank == 0:
         lock.enter_context(runs.run_lock(run_dir))
         meta = runs.start_run(run_dir, meta, resume, start)  # run id, clean-up
@@ -271,29 +326,39 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
             if world_size > 1 else net
         fwd = torch.compile(ddp) if config.compile else ddp
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.total_steps, initial=start, disable=rank != 0 or not progress, unit='step')
+        bar = tqdm(total=config.total_steps, initial=start, disable=rank != 0 or not progress,
+                   unit='step')
         acc, n_acc, t0, history = torch.zeros((), device=device), 0, time.time(), []
         for step in range(start, config.total_steps):
             cur_nimg = step * config.batch_size
-            torch.manual_seed(derive_seed(config.seed, STREAM_STEP, step, rank))  # noise, dropout, augmentation
-            rounds = local_batches(batch_indices(step, config.batch_size, len(dataset), config.seed), rank, world_size,
-                                   config.batch_gpu)
+            # noise, dropout, augmentation
+            torch.manual_seed(derive_seed(config.seed, STREAM_STEP, step, rank))
+            rounds = local_batches(
+                batch_indices(step, config.batch_size, len(dataset), config.seed), rank, world_size,
+                config.batch_gpu)
             optimizer.zero_grad(set_to_none=True)
-            acc += accumulate_gradients(fwd, loss_fn, dataset, rounds, device, config, label_dim, augment_pipe)
+            acc += accumulate_gradients(fwd, loss_fn, dataset, rounds, device, config, label_dim,
+                                        augment_pipe)
             lr = learning_rate(cur_nimg, config.lr, config.lr_rampup_nimg)
             optimizer_step(net, optimizer, lr, config.grad_clip)
-            update_ema(ema, net, ema_beta(cur_nimg, config.batch_size, config.ema_halflife_nimg, config.ema_rampup_ratio))
+            update_ema(
+                ema, net,
+                ema_beta(cur_nimg, config.batch_size, config.ema_halflife_nimg,
+                         config.ema_rampup_ratio))
             done, n_acc = step + 1, n_acc + 1
             bar.update()
             if callback is not None: callback(done)
             final = done == config.total_steps
             if not (final or is_due(done, config.log_every) or is_due(done, config.checkpoint_every)
-                    or is_due(done, config.grid_every)): continue
+                    or is_due(done, config.grid_every)):                continue
             loss = global_mean(acc / n_acc, world_size)
             if not math.isfinite(loss):
-                raise TrainingDiverged(f'training loss is {loss} at step {done} (mean over steps {done - n_acc + 1}-{done})'
-                                       f'; stopped without writing a checkpoint; last good checkpoint: {last or "none"}')
-            record = dict(step=done, nimg=done * config.batch_size, loss=loss, lr=lr, time=round(time.time() - t0, 3))
+                raise TrainingDiverged(
+                    f'training loss is {loss} at step {done} (mean over steps {done - n_acc + 1}-{done})'
+                    f'; stopped without writing a checkpoint; last good checkpoint: {last or "none"}'
+                )
+            record = dict(step=done, nimg=done * config.batch_size, loss=loss, lr=lr,
+                          time=round(time.time() - t0, 3))
             history.append(record)
             bar.set_postfix(loss=f'{loss:.4f}')
             acc.zero_()
@@ -301,9 +366,11 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
             if run_dir is None or rank != 0: continue
             runs.append_metrics(run_dir, record)
             if final or is_due(done, config.checkpoint_every):
-                last = ckpt.save_training_state(run_dir, done, net, ema, optimizer, dict(meta, nimg=record['nimg']),
-                                                config.keep, protect=resume)
-            if grid_fn is not None and is_due(done, config.grid_every): grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
+                last = ckpt.save_training_state(run_dir, done, net, ema, optimizer,
+                                                dict(meta, nimg=record['nimg']), config.keep,
+                                                protect=resume)
+            if grid_fn is not None and is_due(done, config.grid_every):
+                grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
         bar.close()
     return ema, history
 
@@ -311,45 +378,59 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
 PAPER_NIMG = 200_000_000  # every model of Table 2 was trained for 200 Mimg (App. F.3)
 SONG_BATCH = 128          # Song et al.'s batch (config A); EDM's configs B-F use 512 on CIFAR-10
 LADDER = ('A', 'B', 'C', 'D', 'E', 'F')
-LADDER_ARCH = {  # the U-Net of each base (chapter 7): DDPM++ for VP, NCSN++ for VE; configs E and F differ only here
-    'vp': dict(embedding_type='positional', encoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1]),
-    've': dict(embedding_type='fourier', encoder_type='residual', channel_mult_noise=2, resample_filter=[1, 3, 3, 1])}
+# the U-Net of each base (chapter 7): DDPM++ for VP, NCSN++ for VE; configs E and F differ only here
+LADDER_ARCH = {
+    'vp': dict(embedding_type='positional', encoder_type='standard', channel_mult_noise=1,
+               resample_filter=[1, 1]),
+    've': dict(embedding_type='fourier', encoder_type='residual', channel_mult_noise=2,
+               resample_filter=[1, 3, 3, 1])
+}
 
 
 def redistribute_capacity(channel_mult) -> list[int]:
-    """Config C: every level takes the multiplier of the level below it and the lowest level goes (App. F.3):
-    (1, 2, 2, 2) -> (2, 2, 2) at 32x32 (256 channels at 32x32 instead of 128, no 4x4 level) and
-    (1, 1, 2, 2, 2) -> (1, 2, 2, 2) at 64x64 (128 at 64x64 still; 256 at 32x32)."""
+    """Config C: every level takes the multiplier of the level below it and the lowest level goes
+    (App. F.3): (1, 2, 2, 2) -> (2, 2, 2) at 32x32 (256 channels at 32x32 instead of 128, no 4x4
+    level) and (1, 1, 2, 2, 2) -> (1, 2, 2, 2) at 64x64 (128 at 64x64 still; 256 at 32x32)."""
     mult = [int(m) for m in channel_mult]
-    if len(mult) < 2: raise ValueError(f'channel_mult {tuple(mult)} has no lower level to remove (config C)')
+    if len(mult) < 2:
+        raise ValueError(f'channel_mult {tuple(mult)} has no lower level to remove (config C)')
     return mult[1:]
 
 
-def ladder_settings(config: str, base: str = 'vp', total_nimg: int = PAPER_NIMG, pixels: int | None = None) -> dict:
-    """What config `config` (A-F) of Table 2 sets on top of `base` ('vp' or 've'), for a run of `total_nimg` images.
+def ladder_settings(config: str, base: str = 'vp', total_nimg: int = PAPER_NIMG,
+                    pixels: int | None = None) -> dict:
+    """What config `config` (A-F) of Table 2 sets on top of `base` ('vp' or 've'), for a run of
+    `total_nimg` images.
 
     Returns `train` (TrainConfig fields), `dropout`, `arch` (U-Net overrides), `redistribute` (apply
-    `redistribute_capacity`), `precond`, `loss` (Table 1 columns), `augment` (probability) and `scale`. Durations are
-    the paper's times scale = total_nimg / 200 M, in whole images (an EMA half-life at least 1). `pixels` (C*H*W of an image) gives config A with VP Song et al.'s
-    mean over pixels; without it `loss_scaling` is left out. Paper §5, App. F.3. Derived in chapter 9.
+    `redistribute_capacity`), `precond`, `loss` (Table 1 columns), `augment` (probability) and
+    `scale`. Durations are the paper's times scale = total_nimg / 200 M, in whole images (an EMA
+    half-life at least 1). `pixels` (C*H*W of an image) gives config A with VP Song et al.'s mean
+    over pixels; without it `loss_scaling` is left out. Paper §5, App. F.3. Derived in chapter 9.
     """
-    if config not in LADDER: raise ValueError(f'unknown config {config!r}; expected one of {LADDER}')
+    if config not in LADDER:
+        raise ValueError(f'unknown config {config!r}; expected one of {LADDER}')
     if base not in LADDER_ARCH: raise ValueError(f'unknown base {base!r}; expected vp or ve')
     if not total_nimg > 0: raise ValueError(f'total_nimg must be positive, got {total_nimg!r}')
-    if pixels is not None and not pixels > 0: raise ValueError(f'pixels must be positive, got {pixels!r}')
+    if pixels is not None and not pixels > 0:
+        raise ValueError(f'pixels must be positive, got {pixels!r}')
     scale, rung = total_nimg / PAPER_NIMG, LADDER.index(config)
-    if rung == 0:  # Song et al.: warm-up 5000 steps, EMA rate per step at batch 128, clipping, their loss normalization
+    # Song et al.: warm-up 5000 steps, EMA rate per step at batch 128, clipping, their loss
+    # normalization
+    if rung == 0:
         ema_rate = 0.9999 if base == 'vp' else 0.999
-        train = dict(batch_size=SONG_BATCH, lr=2e-4, lr_rampup_nimg=round(5000 * SONG_BATCH * scale),
-                     ema_halflife_nimg=max(1, round(SONG_BATCH * math.log(0.5) / math.log(ema_rate) * scale)),
-                     ema_rampup_ratio=None, grad_clip=1.0, xflip=True)
+        train = dict(
+            batch_size=SONG_BATCH, lr=2e-4, lr_rampup_nimg=round(5000 * SONG_BATCH * scale),
+            ema_halflife_nimg=max(1,
+                                  round(SONG_BATCH * math.log(0.5) / math.log(ema_rate) * scale)),
+            ema_rampup_ratio=None, grad_clip=1.0, xflip=True)
         if base == 've': train['loss_scaling'] = 0.5
         elif pixels is not None: train['loss_scaling'] = 1 / pixels
         dropout = 0.10
     else:          # EDM's loop from config B on
         train = dict(batch_size=512, lr=10e-4, lr_rampup_nimg=round(10_000_000 * scale),
-                     ema_halflife_nimg=max(1, round(500_000 * scale)), ema_rampup_ratio=0.05, grad_clip=None,
-                     loss_scaling=1.0, xflip=config != 'F')
+                     ema_halflife_nimg=max(1, round(500_000 * scale)), ema_rampup_ratio=0.05,
+                     grad_clip=None, loss_scaling=1.0, xflip=config != 'F')
         dropout = 0.13
     return dict(train=train, dropout=dropout, arch=dict(LADDER_ARCH[base]), redistribute=rung >= 2,
                 precond='edm' if rung >= 3 else base, loss='edm' if rung >= 4 else base,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def clean(nb: dict) -> dict:
     """Return a cleaned copy of the notebook dict `nb`."""
     nb = json.loads(json.dumps(nb))
-    clean_nb(nb, allowed_cell_metadata_keys=['tags'])
+    clean_nb(nb, allowed_cell_metadata_keys=['tags', 'mystnb'])  # mystnb: figure captions, alt text
     count = 0
     for cell in nb['cells']:
         if cell['cell_type'] != 'code': continue
