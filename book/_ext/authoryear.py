@@ -2,7 +2,10 @@
 {cite:p} give "Karras et al. (2022)"), instead of numbers: "Karras et al. 2022", "Song and Ermon 2019", with a, b, ...
 when one author-year pair labels two entries. The entries keep pybtex's unsrt formatting, whose web references
 render the arXiv id, DOI or URL of each entry as a link."""
+import codecs
 from collections import Counter
+
+import latexcodec  # noqa: F401  (registers the 'ulatex' codec; a dependency of pybtex)
 
 from pybtex.plugin import register_plugin
 from pybtex.style.formatting.unsrt import Style as UnsrtStyle
@@ -11,7 +14,8 @@ from pybtex.style.labels import BaseLabelStyle
 
 def _authors(entry) -> str:
     persons = entry.persons.get('author') or entry.persons.get('editor') or []
-    last = [' '.join(p.last_names).replace('{', '').replace('}', '') for p in persons]
+    # Hyv{\"a}rinen -> Hyvärinen: the label is plain text, so the name's LaTeX accents are decoded
+    last = [codecs.decode(' '.join(p.last_names), 'ulatex').replace('{', '').replace('}', '') for p in persons]
     if not last: return entry.key
     if len(last) == 1: return last[0]
     if len(last) == 2: return f'{last[0]} and {last[1]}'
