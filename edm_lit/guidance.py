@@ -52,9 +52,8 @@ def _rows(sigma, rows, n):
 class LabelledMixture(torch.nn.Module):
     """Gaussian-mixture data whose K components carry class labels: p(y | c) and p(y) = sum_c pi_c
     p(y | c), each a chapter-1 GaussianMixture, with exact noised densities, scores and ideal
-    denoisers. The house
-    interface: net(x, sigma, class_labels) with one-hot rows (a row of zeros: no label). Eq.
-    eq-guid-two-denoisers.
+    denoisers. The house interface: net(x, sigma, class_labels) with one-hot rows (a row of zeros:
+    no label). Eq. eq-guid-two-denoisers.
     Derived in chapter 13."""
     sigma_min, sigma_max = 0.0, math.inf
 

@@ -246,8 +246,8 @@ class _UNet(torch.nn.Module):
         for level, ch in enumerate(channels):
             res = self.img_resolution >> level
             if level == 0:
-                self.enc[f'{res}x{res}_conv'], cout = Conv2d(cout, stem, kernel=3,
-                                                             **block['init']), stem
+                conv = Conv2d(cout, stem, kernel=3, **block['init'])
+                self.enc[f'{res}x{res}_conv'], cout = conv, stem
             else:
                 self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block)
                 if residual:  # NCSN++: a strided conv of the previous level, averaged in
@@ -343,8 +343,8 @@ class SongUNet(_UNet):
         self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True)
                           if embedding_type == 'positional' else FourierEmbedding(noise_channels))
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **
-                                  init) if augment_dim else None
+        self.map_augment = (Linear(augment_dim, noise_channels, bias=False, **init)
+                            if augment_dim else None)
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         # Encoder and decoder (module names as in the official checkpoints), then the output layer
@@ -388,8 +388,8 @@ class DhariwalUNet(_UNet):
                      resample_proj=False, adaptive_scale=True, init=init, init_zero=init_zero)
         # Mapping network (Eq. arch-adm-embedding), built in the official order: one seed, the official weights
         self.map_noise = PositionalEmbedding(model_channels)  # endpoint=False, [cos, sin] order
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **
-                                  init_zero) if augment_dim else None
+        self.map_augment = (Linear(augment_dim, model_channels, bias=False, **init_zero)
+                            if augment_dim else None)
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',

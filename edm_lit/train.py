@@ -341,10 +341,9 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
                                         augment_pipe)
             lr = learning_rate(cur_nimg, config.lr, config.lr_rampup_nimg)
             optimizer_step(net, optimizer, lr, config.grad_clip)
-            update_ema(
-                ema, net,
-                ema_beta(cur_nimg, config.batch_size, config.ema_halflife_nimg,
-                         config.ema_rampup_ratio))
+            beta = ema_beta(cur_nimg, config.batch_size, config.ema_halflife_nimg,
+                            config.ema_rampup_ratio)
+            update_ema(ema, net, beta)
             done, n_acc = step + 1, n_acc + 1
             bar.update()
             if callback is not None: callback(done)
