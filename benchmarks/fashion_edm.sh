@@ -8,7 +8,7 @@
 #     bash benchmarks/fashion_edm.sh eval      # 3 x 10,000 samples, FID/KID against the test set (~31 min each)
 #     bash benchmarks/fashion_edm.sh study     # FID against NFE for every sampler, n = 500 (~50 min; resumable)
 #     bash benchmarks/fashion_edm.sh guides    # two weaker models for autoguidance (~10 min)
-#     bash benchmarks/fashion_edm.sh guidance  # pick the guide, then CFG and autoguidance against w (~40 min)
+#     bash benchmarks/fashion_edm.sh guidance  # pick the guide, then CFG and autoguidance against w (~25 min)
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 EDM=${EDM:-.venv/bin/edm-lit}
@@ -50,13 +50,14 @@ guides)
     else $EDM train $RECIPE --channels 16 --steps 1000 --checkpoint-every 250 --outdir "$GUIDE_RUN"; fi
     [ -e runs/guide-16ch ] || $EDM export "$GUIDE_RUN" runs/guide-16ch ;;
 guidance)
-    # the guide: the one with the lower per-class FID at w = 2 (n = 20 per class); then the sweep, n = 50 per class
+    # the guide: the one with the lower per-class FID at w = 2 (n = 20 per class); then the sweep, n = 30 per class
     $PY benchmarks/guidance_sweep.py $OUT/model --guide runs/guide-s1000 runs/guide-16ch --weights 2 \
         --n-per-class 20 --out $OUT/guide_choice.json
     GUIDE=$($PY -c "import json, sys; r = json.load(open(sys.argv[1])); a = [x for x in r['results'] if x['guide']]
 print(r['guides'][min(a, key=lambda x: x['class_fid'])['guide']])" $OUT/guide_choice.json)
     [ -e $OUT/guide ] || $EDM export "$GUIDE" $OUT/guide
-    $PY benchmarks/guidance_sweep.py $OUT/model --guide $OUT/guide --n-per-class 50 --out $OUT/guidance_sweep.json
+    $PY benchmarks/guidance_sweep.py $OUT/model --guide $OUT/guide --weights 1 2 3 5 8 --n-per-class 30 \
+        --out $OUT/guidance_sweep.json
     $PY benchmarks/guidance_sweep.py --out $OUT/guidance_sweep.json --plot $OUT/guidance_sweep.png ;;
 *)
     echo "usage: bash benchmarks/fashion_edm.sh train|export|eval|study|guides|guidance" >&2; exit 2 ;;
