@@ -3,7 +3,8 @@
       the page, a hidden one in its own header; sphinx-book-theme's visible buttons come later and do nothing
       (pydata/pydata-sphinx-theme#2451). Their clicks are passed on to the bound buttons.
    2. An inline formula wider than its paragraph is cut off by the theme; once MathJax has typeset the page, such a
-      formula becomes a line of its own that scrolls sideways (class math-wide, edm_lit.css). */
+      formula becomes a line of its own that scrolls sideways (class math-wide, edm_lit.css); again when the window
+      is resized or a folded solution is opened. */
 document.addEventListener('DOMContentLoaded', () => {
   for (const kind of ['primary', 'secondary']) {
     const buttons = document.querySelectorAll(`.${kind}-toggle`);
@@ -28,5 +29,7 @@ document.addEventListener('DOMContentLoaded', () => {
     else if (tries > 0) setTimeout(() => wait(tries - 1), 200);
   };
   wait(50);
-  window.addEventListener('resize', () => { clearTimeout(window.edmLitResize); window.edmLitResize = setTimeout(markWide, 200); });
+  const later = () => { clearTimeout(window.edmLitResize); window.edmLitResize = setTimeout(markWide, 200); };
+  window.addEventListener('resize', later);
+  document.addEventListener('toggle', later, true);  // a folded solution opened: its formulas now have a width
 });
