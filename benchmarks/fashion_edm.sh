@@ -22,7 +22,7 @@ RECIPE="--dataset fashion-mnist --preset ddpmpp-fashion-mnist --cond --label-dro
 
 case "${1:-}" in
 train)
-    if [ -e "$RUN/metrics.jsonl" ]; then
+    if compgen -G "$RUN/training-state-*.json" > /dev/null; then  # a checkpoint to resume from
         $EDM train --resume "$RUN" --steps $STEPS --quiet
     else
         $EDM train $RECIPE --channels 32 --steps $STEPS --precision bf16 --checkpoint-every 500 --keep 0 \
@@ -46,7 +46,7 @@ guides)
     # autoguidance's weaker model of the same task: the run's own snapshot at step 1,000 (64,000 images), and a
     # 16-channel model (a quarter of the parameters) trained by the same recipe for 1,000 steps
     [ -e runs/guide-s1000 ] || $EDM export "$RUN/training-state-00001000.json" runs/guide-s1000
-    if [ -e "$GUIDE_RUN/metrics.jsonl" ]; then $EDM train --resume "$GUIDE_RUN" --steps 1000 --quiet
+    if compgen -G "$GUIDE_RUN/training-state-*.json" > /dev/null; then $EDM train --resume "$GUIDE_RUN" --steps 1000 --quiet
     else $EDM train $RECIPE --channels 16 --steps 1000 --checkpoint-every 250 --outdir "$GUIDE_RUN"; fi
     [ -e runs/guide-16ch ] || $EDM export "$GUIDE_RUN" runs/guide-16ch ;;
 guidance)

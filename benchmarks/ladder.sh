@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Table 2's ablation ladder (configs A-F, chapter 9) at small scale on Fashion-MNIST: one class-conditional VP run per
+# Table 2's ablation ladder (configs A-F, chapter 9) at small scale on Fashion-MNIST: one class-conditional run per
 # config with the same number of training images, each scored by the same deterministic sampler (Heun, 35 NFE) and
 # `edm-lit eval` on three disjoint seed ranges. Run from the repository root:
 #
@@ -7,7 +7,7 @@
 #     bash benchmarks/ladder.sh eval         # 3 x N_EVAL images per config, FID/KID against the test set + floor
 #
 # The knobs (environment): BASE (vp or ve), CHANNELS, NIMG (training images per config), N_EVAL (images per seed
-# range). --config scales the paper's durations (lr ramp-up, warm-up, EMA half-life) by NIMG / 200M; the batch is
+# range). --config scales the paper's durations (the learning-rate ramp-up or warm-up, the EMA half-life) by NIMG / 200M; the batch is
 # 64 for configs B-F and a quarter of it, 16, for config A (the paper: 512 and 128).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -24,7 +24,7 @@ train)
     for config in A B C D E F; do
         run=$RUNS/$config
         batch=64; [ $config = A ] && batch=16
-        if [ -e "$run/metrics.jsonl" ]; then
+        if compgen -G "$run/training-state-*.json" > /dev/null; then  # a checkpoint to resume from
             $EDM train --resume "$run" --duration $NIMG --quiet
         else
             $EDM train --dataset fashion-mnist --preset ddpmpp-fashion-mnist --cond --config $config --base $BASE \

@@ -18,7 +18,7 @@ WIDTHS=${WIDTHS:-"0.02 0.03 0.05 0.07 0.10 0.15 0.20 0.25"}
 
 case "${1:-}" in
 train)
-    if [ -e "$RUN/metrics.jsonl" ]; then $EDM train --resume "$RUN" --steps $STEPS --quiet
+    if compgen -G "$RUN/training-state-*.json" > /dev/null; then $EDM train --resume "$RUN" --steps $STEPS --quiet
     else
         $EDM train --dataset fashion-mnist --preset ddpmpp-fashion-mnist --cond --label-dropout 0.1 --dropout 0 \
             --channels 16 --batch 64 --lr 2e-3 --lr-rampup 20k --ema 50k --steps $STEPS --precision bf16 \
@@ -47,8 +47,10 @@ from edm_lit.phema import exp_to_std
 out, run = Path(sys.argv[1]), Path(sys.argv[2])
 rows = sorted((float(p.stem.split('-')[1]), json.loads(p.read_text())) for p in out.glob('sigma-*.json'))
 ema = json.loads((out / 'ema.json').read_text())
-r = ema_rampup = 0.05  # the run's EMA: half-life min(50k, 0.05 n) = a power profile with gamma + 1 = ln 2 / r
 import math
+# the run's EMA: half-life min(50k, r n) with r = 0.05 is r n throughout while n <= 1M images (STEPS <= 15,625 of
+# 64): a power profile with gamma + 1 = ln 2 / r (chapter 14)
+r = json.loads(sorted(run.glob('training-state-*.json'))[-1].read_text())['config']['ema_rampup_ratio']
 ema_sigma = exp_to_std(math.log(2) / r - 1)
 fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=150)
 ax.plot([s for s, _ in rows], [x['fid'] for _, x in rows], 'o-', label='post-hoc EMA, rebuilt from 0.05 and 0.10')

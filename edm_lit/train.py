@@ -179,19 +179,9 @@ class TrainConfig:
 PRECISIONS = ('fp32', 'bf16')
 
 
-TRAJECTORY = (
-    'batch_size',
-    'batch_gpu',
-    'lr',
-    'lr_rampup_nimg',
-    'ema_halflife_nimg',
-    'ema_rampup_ratio',
-    # must match on resume for the run to continue exactly
-    'loss_scaling',
-    'grad_clip',
-    'xflip',
-    'seed',
-    'precision')
+# the settings that must match on resume for the run to continue exactly
+TRAJECTORY = ('batch_size', 'batch_gpu', 'lr', 'lr_rampup_nimg', 'ema_halflife_nimg', 'ema_rampup_ratio',
+              'loss_scaling', 'grad_clip', 'xflip', 'seed', 'precision')
 
 
 class TrainingDiverged(RuntimeError):
@@ -236,8 +226,8 @@ def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_di
         if config.channels_last: images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.nn.functional.one_hot(dataset.labels[idx], label_dim).to(device, torch.float32) \
             if label_dim else None
-        sync = net.no_sync() if i < len(rounds) - 1 and hasattr(
-            net, 'no_sync') else contextlib.nullcontext()
+        last = i == len(rounds) - 1
+        sync = net.no_sync() if not last and hasattr(net, 'no_sync') else contextlib.nullcontext()
         with sync:  # DDP all-reduces the gradients on the last round only
             with torch.autocast(device.type, torch.bfloat16, enabled=config.precision == 'bf16'):
                 loss = loss_fn(net=net, images=images, labels=labels, augment_pipe=augment_pipe)
@@ -348,8 +338,9 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
             bar.update()
             if callback is not None: callback(done)
             final = done == config.total_steps
-            if not (final or is_due(done, config.log_every) or is_due(done, config.checkpoint_every)
-                    or is_due(done, config.grid_every)):                continue
+            due = final or is_due(done, config.log_every) or is_due(done, config.checkpoint_every) \
+                or is_due(done, config.grid_every)
+            if not due: continue
             loss = global_mean(acc / n_acc, world_size)
             if not math.isfinite(loss):
                 raise TrainingDiverged(

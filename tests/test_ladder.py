@@ -153,7 +153,7 @@ def _meta(run):
 
 def test_config_a_records_the_baseline_and_resumes_exactly(capsys, tmp_path, images):
     """Config A (VP): Song's settings scaled to a 24-image run, per-pixel loss (1/192 for 3x8x8), clipping and x-flips
-    on; cut after 2 steps and resumed, it ends bit-identical to the run that never stopped."""
+    on; resumed from its step-2 checkpoint, it ends bit-identical to the run that never stopped."""
     flags = ('--config', 'A', '--batch', 4, '--checkpoint-every', 2, '--keep', 0)
     code, _, err = _run(capsys, *TRAIN, *flags, '--steps', 6, '--outdir', tmp_path / 'whole')
     assert code == 0, err
@@ -166,9 +166,9 @@ def test_config_a_records_the_baseline_and_resumes_exactly(capsys, tmp_path, ima
     assert c['lr_rampup_nimg'] == round(640_000 * scale) and c['ema_halflife_nimg'] == 1
     assert meta['model']['precond'] == 'vp' and meta['loss'] == 'vp'
     assert meta['model']['overrides']['dropout'] == 0.1 and meta['model']['overrides']['embedding_type'] == 'positional'
-    code, _, err = _run(capsys, *TRAIN, *flags, '--steps', 2, '--outdir', tmp_path / 'cut')
-    assert code == 0, err
-    code, _, err = _run(capsys, 'train', '--resume', tmp_path / 'cut', '--steps', 6, '--quiet')
+    # a run cut at step 2: branched off the whole run's step-2 checkpoint (so both have one config), continued to 6
+    code, _, err = _run(capsys, 'train', '--resume', tmp_path / 'whole' / 'training-state-00000002.json',
+                        '--outdir', tmp_path / 'cut', '--steps', 6, '--quiet')
     assert code == 0, err
     paths = [tmp_path / r / 'training-state-00000006.json' for r in ('whole', 'cut')]
     (a, _), (b, _) = (checkpoints.load_checkpoint(p) for p in paths)
@@ -209,7 +209,9 @@ def test_flags_given_override_the_config(capsys, tmp_path, images):
     (('--channel-mult', '0,2'), 'argument --channel-mult: expected'),
     (('--ema-rampup', '1.5'), "argument --ema-rampup: expected a ratio in (0, 1] or 'none', got '1.5'"),
     (('--grad-clip', '-1'), "argument --grad-clip: expected a positive number, got '-1'"),
-    (('--channel-mult', '1,2,2,2,2'), 'img_resolution=8 must be divisible')])
+    (('--channel-mult', '1,2,2,2,2'), 'img_resolution=8 must be divisible'),
+    (('--preset', 'adm-imagenet64', '--config', 'B'), '--config B needs a SongUNet preset'),
+    (('--grad-clip', 'x'), "argument --grad-clip: expected a positive number, got 'x'")])
 def test_bad_ladder_flags_are_named(capsys, tmp_path, images, extra, message):
     code, _, err = _run(capsys, *TRAIN, '--batch', 4, '--steps', 1, *extra, '--outdir', tmp_path / 'r')
     assert code in (1, 2) and message in err, err
@@ -227,3 +229,29 @@ def test_the_config_is_fixed_on_resume(capsys, tmp_path, images):
     code, _, err = _run(capsys, 'train', '--resume', tmp_path / 'r', '--steps', 2, '--quiet')
     assert code == 0, err
     assert _meta(tmp_path / 'r')['ladder']['config'] == 'B'
+
+
+def test_the_cifar10_presets_start_from_songs_layout():
+    """The CIFAR-10 presets hold EDM's layout (2,2,2): configs A and B must use Song et al.'s (1,2,2,2) and config C
+    redistribute that one; an NCSN++ preset is the VE column unless --base says otherwise; --grad-clip none turns
+    config A's clipping off."""
+    from types import SimpleNamespace
+    from edm_lit.cli import train as cli_train
+    data = SimpleNamespace(images=torch.zeros(1, 3, 32, 32))
+    for preset in ('ddpmpp-cifar10', 'ncsnpp-cifar10'):
+        for config, mult in (('A', [1, 2, 2, 2]), ('B', [1, 2, 2, 2]), ('C', [2, 2, 2]), ('F', [2, 2, 2])):
+            args = SimpleNamespace(preset=preset, config=config, base=None, steps=None, duration=None, batch=None,
+                                   channel_mult=None, dropout=None, label_dropout=None, channels=None, precond=None)
+            ladder = cli_train._ladder(args)
+            model = cli_train._model_record(args, data, 10, ladder, ladder['augment'])
+            assert model['overrides']['channel_mult'] == mult, (preset, config)
+            fourier = preset.startswith('ncsnpp')
+            assert model['overrides']['embedding_type'] == ('fourier' if fourier else 'positional')
+            assert model.get('precond', 'edm') == ('edm' if config == 'F' else 've' if fourier else 'vp')
+
+
+def test_grad_clip_none_overrides_config_a(capsys, tmp_path, images):
+    code, _, err = _run(capsys, *TRAIN, '--config', 'A', '--batch', 4, '--steps', 1, '--grad-clip', 'none',
+                        '--outdir', tmp_path / 'r')
+    assert code == 0, err
+    assert _meta(tmp_path / 'r')['config']['grad_clip'] is None

@@ -4,7 +4,7 @@
       (pydata/pydata-sphinx-theme#2451). Their clicks are passed on to the bound buttons.
    2. An inline formula wider than its paragraph is cut off by the theme; once MathJax has typeset the page, such a
       formula becomes a line of its own that scrolls sideways (class math-wide, edm_lit.css); again when the window
-      is resized or a folded solution is opened. */
+      is resized or a <details> block is opened. */
 document.addEventListener('DOMContentLoaded', () => {
   for (const kind of ['primary', 'secondary']) {
     const buttons = document.querySelectorAll(`.${kind}-toggle`);
@@ -28,8 +28,8 @@ document.addEventListener('DOMContentLoaded', () => {
     if (promise) promise.then(markWide);
     else if (tries > 0) setTimeout(() => wait(tries - 1), 200);
   };
-  wait(50);
+  wait(300);  // up to a minute for MathJax to load on a slow phone
   const later = () => { clearTimeout(window.edmLitResize); window.edmLitResize = setTimeout(markWide, 200); };
   window.addEventListener('resize', later);
-  document.addEventListener('toggle', later, true);  // a folded solution opened: its formulas now have a width
+  document.addEventListener('toggle', later, true);  // a <details> opened: its formulas now have a width
 });

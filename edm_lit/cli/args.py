@@ -13,7 +13,7 @@ from .. import validators
 
 __all__ = ['parse_count', 'parse_seeds', 'format_seeds', 'number', 'positive_int', 'nonneg_int', 'positive_float',
            'nonneg_float', 'finite_nonneg_float', 'probability', 'learning_rate', 'resolution', 'device', 'channel_mult',
-           'ratio_or_none']
+           'ratio_or_none', 'positive_or_none']
 
 _SUFFIX = {'': 1, 'k': 10**3, 'M': 10**6, 'G': 10**9}
 
@@ -61,6 +61,12 @@ def ratio_or_none(text: str) -> float | None:
     """'0.05' -> 0.05, 'none' -> None: a ratio in (0, 1], or none."""
     if text.strip().lower() == 'none': return None
     return number(float, lambda v: 0 < v <= 1, "a ratio in (0, 1] or 'none'")(text)
+
+
+def positive_or_none(text: str) -> float | None:
+    """'1' -> 1.0, 'none' -> None: a positive finite number, or none."""
+    if text.strip().lower() == 'none': return None
+    return positive_float(text)
 
 
 def device(text: str):

@@ -22,7 +22,7 @@ import torch
 
 from .. import checkpoints, datasets, runs, validators
 from .. import train as training
-from .args import (channel_mult, device, learning_rate, nonneg_int, parse_count, positive_float, positive_int,
+from .args import (channel_mult, device, learning_rate, nonneg_int, parse_count, positive_int, positive_or_none,
                    probability, ratio_or_none, resolution)
 from .sample import build_net, generate, save_grid
 
@@ -33,13 +33,28 @@ CONFIG_FIELDS = {f.name: (sum((_TYPES.get(t.strip(), (object,)) for t in f.type.
                  for f in fields(training.TrainConfig)}  # a resumed checkpoint's config, typed as TrainConfig
 
 
-_UNSET = object()  # a flag not given (its value may be None: --ema-rampup none)
+_UNSET = object()  # a flag not given (its value may be None: --ema-rampup none, --grad-clip none)
+# --config's starting layout per preset: the CIFAR-10 presets hold EDM's layout (2,2,2), already redistributed;
+# configs A and B use Song et al.'s (1,2,2,2), which config C redistributes. Other presets start from their own.
+_BASELINE_MULT = {'ddpmpp-cifar10': (1, 2, 2, 2), 'ncsnpp-cifar10': (1, 2, 2, 2)}
+
+
+def _base(args) -> str:
+    """--base, else the preset's column: NCSN++ (Fourier embedding) is VE's network, the others VP's."""
+    from ..networks import PRESETS
+    fourier = PRESETS.get(args.preset, {}).get('embedding_type') == 'fourier'
+    return args.base or ('ve' if fourier else 'vp')
 
 
 def _ladder(args, pixels: int | None = None) -> dict | None:
-    """The settings of --config (Table 2, chapter 9) for this run's length, or None."""
+    """The settings of --config (Table 2, chapter 9) for this run's length, or None. The durations are scaled to the
+    length given when the run starts; a resumed run keeps them."""
     if args.config is None: return None
-    base = args.base or 'vp'
+    from ..networks import PRESET_CLASSES
+    if args.preset in PRESET_CLASSES:
+        raise ValueError(f'--config {args.config} needs a SongUNet preset (DDPM++ or NCSN++, as Table 2), not '
+                         f'--preset {args.preset}')
+    base = _base(args)
     batch = args.batch or training.ladder_settings(args.config, base)['train']['batch_size']
     total = args.steps * batch if args.steps is not None else args.duration or training.PAPER_NIMG
     return training.ladder_settings(args.config, base, total, pixels)
@@ -55,9 +70,9 @@ def _model_record(args, data, label_dim: int, ladder: dict | None, augment: floa
                      out_channels=data.images.shape[1], label_dim=label_dim, augment_dim=augment_dim)
     if ladder is not None:
         overrides.update(ladder['arch'], dropout=ladder['dropout'])
-        if ladder['redistribute']:
-            mult = PRESETS[args.preset].get('channel_mult', (1, 2, 2, 2))  # SongUNet's default
-            overrides['channel_mult'] = training.redistribute_capacity(mult)
+        mult = _BASELINE_MULT.get(args.preset) or PRESETS[args.preset].get('channel_mult', (1, 2, 2, 2))
+        if ladder['redistribute']: mult = training.redistribute_capacity(mult)
+        overrides['channel_mult'] = list(mult)
     if args.channel_mult is not None: overrides['channel_mult'] = args.channel_mult
     if args.dropout is not None: overrides['dropout'] = args.dropout
     if args.label_dropout is not None:
@@ -76,12 +91,13 @@ def _train_config(args, saved: dict, ladder: dict | None = None) -> training.Tra
     given = dict(batch_size=args.batch, batch_gpu=args.batch_gpu, lr=args.lr, lr_rampup_nimg=args.lr_rampup,
                  ema_halflife_nimg=args.ema, seed=args.seed, precision=args.precision, log_every=args.log_every,
                  checkpoint_every=args.checkpoint_every, grid_every=args.grid_every, keep=args.keep)
-    given.update(compile=args.compile, channels_last=args.channels_last, grad_clip=args.grad_clip, xflip=args.xflip)
+    given.update(compile=args.compile, channels_last=args.channels_last, xflip=args.xflip)
     validators.check_fields(saved, CONFIG_FIELDS, f'checkpoint {args.resume}: config')
     values = {f.name: saved[f.name] for f in fields(training.TrainConfig) if f.name in saved}
     if ladder is not None: values.update(ladder['train'])
     values.update({k: v for k, v in given.items() if v is not None})
     if args.ema_rampup is not _UNSET: values['ema_rampup_ratio'] = args.ema_rampup
+    if args.grad_clip is not _UNSET: values['grad_clip'] = args.grad_clip
     batch = values.get('batch_size', training.TrainConfig.batch_size)
     if args.steps is not None: values['total_nimg'] = args.steps * batch
     elif args.duration is not None: values['total_nimg'] = args.duration
@@ -147,7 +163,7 @@ def _train(args, saved: dict, resume, outdir: Path, config, d: dict, phema: dict
         save_grid(generate(ema, list(range(n)), class_labels=labels), path)
     meta = dict(model=model, data=dict(d, source=data.source, num_images=len(data), fingerprint=fingerprint), loss=loss)
     if saved.get('ladder') or ladder:  # Table 2's config, its base and the factor its durations were scaled by
-        meta['ladder'] = saved.get('ladder') or dict(config=args.config, base=args.base or 'vp', scale=ladder['scale'])
+        meta['ladder'] = saved.get('ladder') or dict(config=args.config, base=_base(args), scale=ladder['scale'])
     callback = None
     if phema is not None:  # post-hoc EMA (chapter 14): power-function averages and their snapshots
         from .phema import PhemaTracker
@@ -228,7 +244,8 @@ def add_train_parser(sub, presets):
     a('--config', choices=training.LADDER, help="Table 2's config (chapter 9): A = Song et al.'s baseline ... F = EDM; "
       'sets the loop, network, preconditioning, loss and augmentation of that rung, its durations scaled to the run '
       '(flags given override it)')
-    a('--base', choices=('vp', 've'), help='with --config: the VP (DDPM++) or VE (NCSN++) column (default vp)')
+    a('--base', choices=('vp', 've'), help="with --config: the VP (DDPM++) or VE (NCSN++) column (default: the "
+                                           "preset's, vp for DDPM++ presets)")
     a('--channel-mult', type=channel_mult, metavar='M,M,..', help="channels per resolution level relative to "
       "--channels, e.g. 1,2,2 (default: the preset's; config C removes its lowest level)")
     a('--batch', type=positive_int, help='total batch size (default 512)')
@@ -241,8 +258,8 @@ def add_train_parser(sub, presets):
     a('--ema', type=parse_count, metavar='NIMG', help='EMA half-life in images (default 0.5M)')
     a('--ema-rampup', type=ratio_or_none, default=_UNSET, metavar='RATIO',
       help="the EMA half-life is at most RATIO x the images seen (default 0.05, the official loop's; none: off)")
-    a('--grad-clip', type=positive_float, metavar='NORM', help="clip the gradient's L2 norm (Song et al.: 1; "
-                                                                'default: none, as EDM)')
+    a('--grad-clip', type=positive_or_none, default=_UNSET, metavar='NORM',
+      help="clip the gradient's L2 norm (Song et al.: 1; default: none, as EDM; none: off)")
     a('--xflip', action=argparse.BooleanOptionalAction, help='mirror each training image with probability 1/2 '
                                                              '(dataset x-flips; default off)')
     a('--seed', type=nonneg_int, help='random seed (default 0)')
