@@ -4,7 +4,6 @@ and rebuild a stored width exactly; bad flags and folders are refused by name. A
 Table 1 (`--precond`, `--loss`) that the training ladder (Table 2) needs."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,15 +21,7 @@ def _run(capsys, *argv):
     return code, out.out, out.err
 
 
-@pytest.fixture(autouse=True)
-def _images(tmp_path, monkeypatch):
-    """12 random 8x8 RGB images in tmp_path/images; TRAIN's runs read them (the test's working folder)."""
-    from PIL import Image
-    folder = tmp_path / 'images'
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12): Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f'{i:02d}.png')
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures('images')  # tests/conftest.py: 12 images in tmp_path/images
 
 
 def _tensors(path, prefix):

@@ -4,7 +4,6 @@ loop settings config A needs (gradient clipping, dataset x-flips) against what t
 config, and bad flags refused by name."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,15 +21,6 @@ def _run(capsys, *argv):
     return code, out.out, out.err
 
 
-@pytest.fixture
-def images(tmp_path, monkeypatch):
-    """12 random 8x8 RGB images in tmp_path/images; TRAIN's runs read them (the test's working folder)."""
-    from PIL import Image
-    folder = tmp_path / 'images'
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12): Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f'{i:02d}.png')
-    monkeypatch.chdir(tmp_path)
 
 
 # ---- the settings, against the sources --------------------------------------------------------------------------
