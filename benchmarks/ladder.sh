@@ -7,15 +7,17 @@
 #     bash benchmarks/ladder.sh eval         # 3 x N_EVAL images per config, FID/KID against the test set + floor
 #
 # The knobs (environment): BASE (vp or ve), CHANNELS, NIMG (training images per config), N_EVAL (images per seed
-# range). --config scales the paper's durations (the learning-rate ramp-up or warm-up, the EMA half-life) by NIMG / 200M; the batch is
-# 64 for configs B-F and a quarter of it, 16, for config A (the paper: 512 and 128).
+# range). The defaults made book/results/ladder-vp: six runs of 100k images and 18 evals of 1,000 images fit in
+# about 100 minutes on two CPU cores. --config scales the paper's durations (the learning-rate ramp-up or warm-up,
+# the EMA half-life) by NIMG / 200M; the batch is 64 for configs B-F and a quarter of it, 16, for config A (the
+# paper: 512 and 128).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 EDM=${EDM:-.venv/bin/edm-lit}
 BASE=${BASE:-vp}
 CHANNELS=${CHANNELS:-16}
-NIMG=${NIMG:-200k}
-N_EVAL=${N_EVAL:-2000}
+NIMG=${NIMG:-100k}
+N_EVAL=${N_EVAL:-1000}
 RUNS=${RUNS:-runs/ladder-$BASE}
 OUT=${OUT:-book/results/ladder-$BASE}
 

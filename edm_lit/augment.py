@@ -85,7 +85,7 @@ def _filter(x, f, dim, stride=1, padding=0):
     return torch.nn.functional.conv2d(x, w.tile([x.shape[1], 1, 1, 1]), stride=stride,
                                       padding=padding, groups=x.shape[1])
 
-
+# %% ../notebooks/08_augmentation.ipynb #ac673021
 def transform_images(images, G_inv):
     """Warp images (N, C, H, W): out(p) = in(G_inv p), G_inv (N, 3, 3) on pixel coordinates centred
     on the image.
@@ -154,7 +154,7 @@ class _Draws:
         probability prob."""
         return torch.where(self.rand(*shape) < prob, w, torch.zeros_like(w))
 
-
+# %% ../notebooks/08_augmentation.ipynb #944eea38
 @dataclass(frozen=True)
 class AugmentPipe:
     """The geometric non-leaky augmentation pipeline: images -> (augmented images, augment_labels).

@@ -77,7 +77,7 @@ def ddpm_betas(schedule: str = 'linear', T: int = 1000, **kwargs) -> torch.Tenso
         raise ValueError(f'unknown schedule {schedule!r}; expected one of {DDPM_SCHEDULES}')
     return (linear_betas if schedule == 'linear' else cosine_betas)(T, **kwargs)
 
-
+# %% ../notebooks/12_ddpm.ipynb #bb555576
 def alpha_bar(betas: torch.Tensor) -> torch.Tensor:
     """ᾱ_t = ∏_{i ≤ t} (1 − β_i) for t = 1, ..., T.
 

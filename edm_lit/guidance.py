@@ -48,7 +48,7 @@ def _rows(sigma, rows, n):
     s = torch.as_tensor(sigma)
     return s if s.numel() == 1 else s.reshape(n, -1)[rows]
 
-
+# %% ../notebooks/13_guidance.ipynb #10c15a47
 class LabelledMixture(torch.nn.Module):
     """Gaussian-mixture data whose K components carry class labels: p(y | c) and p(y) = sum_c pi_c
     p(y | c), each a chapter-1 GaussianMixture, with exact noised densities, scores and ideal

@@ -57,7 +57,7 @@ class DenoisingLoss:
         # Eq. 2
         return weight * (D_yn - y) ** 2
 
-
+# %% ../notebooks/06_objective.ipynb #708638be
 class VPLoss(DenoisingLoss):
     """The VP loss: t ~ U(ε_t, 1), σ = σ_VP(t), λ = 1/σ²; defaults β_d = 19.9, β_min = 0.1, ε_t =
     1e-5.
@@ -101,7 +101,7 @@ class VELoss(DenoisingLoss):
         """λ(σ) = 1/σ²."""
         return eps_loss_weight(sigma)
 
-
+# %% ../notebooks/06_objective.ipynb #25d7d445
 class EDMLoss(DenoisingLoss):
     """The EDM loss: ln σ ~ N(P_mean, P_std²), λ = (σ² + σ_data²)/(σ·σ_data)²; defaults −1.2, 1.2,
     0.5.

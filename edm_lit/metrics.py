@@ -42,7 +42,7 @@ def _feature_pair(f1, f2) -> tuple[torch.Tensor, torch.Tensor]:
             f'feature dimensions differ: f1 has d={f1.shape[1]}, f2 has d={f2.shape[1]}')
     return f1, f2
 
-
+# %% ../notebooks/10_evaluation.ipynb #4d6f9ee8
 def feature_stats(features) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased covariance (divisor n - 1) of features (n, d) in float64: the Gaussian fit
     of FID.
@@ -72,7 +72,7 @@ def trace_sqrt_product(sigma1, sigma2) -> float:
     root1, root2 = (_psd_sqrt(torch.as_tensor(s, dtype=torch.float64)) for s in (sigma1, sigma2))
     return torch.linalg.svdvals(root2 @ root1).sum().item()
 
-
+# %% ../notebooks/10_evaluation.ipynb #c6e0f81f
 def _check_stats(mu, sigma, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """mu (d,) and a finite symmetric sigma (d, d) in float64 on the CPU; ValueError naming `name`
     otherwise."""
@@ -208,7 +208,7 @@ def train_fashion_classifier(images, labels, epochs: int = 10, batch_size: int =
                 opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     return net.eval()
 
-
+# %% ../notebooks/10_evaluation.ipynb #f8faaed1
 def classifier_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                         batch_size: int = 1000) -> float:
     """Fraction of images whose arg-max logit is the label (the classifier's accuracy).
@@ -281,7 +281,7 @@ def load_images(images_or_folder, source: str = 'auto') -> torch.Tensor:
                                   pad_to_32=True).images
     return load_image_folder(images_or_folder).images  # every image file under the folder, one size
 
-
+# %% ../notebooks/10_evaluation.ipynb #577015b3
 def evaluate(images_or_folder, reference='fashion-test', features: str = 'domain',
              n: int | None = None, seed: int = 0, num_subsets: int = 100,
              max_subset_size: int = 1000, batch_size: int = 256, device=None, source: str = 'auto',

@@ -48,7 +48,7 @@ class Linear(torch.nn.Module):
         x = x @ self.weight.to(x.dtype).t()
         return x if self.bias is None else x + self.bias.to(x.dtype)
 
-
+# %% ../notebooks/07_architectures.ipynb #109e5c9d
 def resample_kernel(resample_filter):
     """The separable 2-D FIR kernel f f^T / (sum f)^2 of a 1-D filter f, shape (1, 1, k, k), DC gain
     1.
@@ -125,7 +125,7 @@ def attention(q, k, v):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     return sdpa(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)).transpose(-1, -2)
 
-
+# %% ../notebooks/07_architectures.ipynb #6183965f
 class UNetBlock(torch.nn.Module):
     """Residual block conditioned on the embedding e, with optional 2x up/downsampling and
     self-attention.

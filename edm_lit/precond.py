@@ -167,7 +167,7 @@ def ve_coefficients(sigma):
     sigma = as_sigma(sigma)
     return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()  # Table 1
 
-
+# %% ../notebooks/05_preconditioning.ipynb #822f7242
 def nearest_index(sigma: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """For each σ, the index j of the grid value nearest to it: arg min_j |grid_j − σ|.
 
@@ -242,7 +242,7 @@ class VEPrecond(Precond):
         """(c_skip, c_out, c_in, c_noise) at σ: Table 1, VE column."""
         return ve_coefficients(sigma)
 
-
+# %% ../notebooks/05_preconditioning.ipynb #39bfca80
 class iDDPMPrecond(Precond):
     """The iDDPM preconditioning around `model`: σ snapped to the grid u_j of its M = 1000 training
     noise levels.

@@ -161,7 +161,7 @@ def unipc_weights(h, rks, order):
     rhos_c = torch.linalg.solve(R, b) if order > 1 else half  # UniC-p
     return rhos_p.tolist(), rhos_c.tolist()
 
-
+# %% ../notebooks/11_solvers.ipynb #be1329ad
 def _unipc_estimate(D_cur, D_others, rks, rhos):
     """D_hat = D_i + sum_k rho_k (D_k - D_i) / r_k (eq-solv-unipc). Derived in chapter 11."""
     return D_cur + sum(rho * (D - D_cur) / r for rho, D, r in zip(rhos, D_others, rks))
