@@ -133,3 +133,24 @@ def test_a_missing_checkpoint_is_a_message_naming_it(tmp_path, argv):
     proc = _script(name, *args, '--out', tmp_path / 'out.json')
     assert proc.returncode == 1 and f'checkpoint not found: {tmp_path / "MISSING"}' in proc.stderr, proc.stderr
     assert 'Traceback' not in proc.stderr and not (tmp_path / 'out.json').exists()
+
+
+def test_run_record_sums_the_processes_and_takes_the_median_rate(tmp_path):
+    """benchmarks/run_record.py on a run made by two processes (the second resumed, its log time restarting): the
+    wall time is the sum of both, images/s the median over logging intervals, the log is copied; no run: a message."""
+    import run_record
+    run, out = tmp_path / 'run', tmp_path / 'out'
+    _tiny_model(run, step=6)
+    log = [dict(step=s, nimg=10 * s, loss=1.0, time=t) for s, t in
+           [(2, 1.0), (4, 2.0), (6, 3.0), (8, 103.0), (10, 5.0), (12, 6.0), (14, 7.0)]]
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in log))
+    assert [len(s) for s in run_record.segments(log)] == [4, 3]
+    r = _script('run_record.py', run, out, '--command', 'edm-lit train X', '--note', 'a pause at step 8')
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / 'run.json').read_text())
+    # intervals: 20 images in 1 s (x2), 20 in 100 s (the pause), then 20 in 1 s (x2): median 20 images/s
+    assert rec['images_per_second'] == 20.0 and rec['wall_seconds'] == 103.0 + 7.0
+    assert rec['steps'] == 6 and rec['nimg'] == 60 and rec['commands'] == ['edm-lit train X'] and rec['note'] == 'a pause at step 8'
+    assert (out / 'metrics.jsonl').read_text() == (run / 'metrics.jsonl').read_text()
+    r = _script('run_record.py', tmp_path / 'nothing', out)
+    assert r.returncode == 1 and 'not a finished run folder' in r.stderr and 'Traceback' not in r.stderr
