@@ -6,6 +6,7 @@
 #     bash benchmarks/phema_study.sh train   # 16 channels, STEPS steps of 64 images, snapshots every 50 steps
 #     bash benchmarks/phema_study.sh eval    # `edm-lit phema` + `edm-lit eval` per width, and the run's own EMA
 #     bash benchmarks/phema_study.sh plot    # FID against sigma_rel -> book/results/phema/phema_study.png
+#     bash benchmarks/phema_study.sh record  # run.json (command, hardware, images/s) and metrics.jsonl beside them
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 EDM=${EDM:-.venv/bin/edm-lit}
@@ -64,6 +65,10 @@ fig.savefig(out / 'phema_study.png')
 print(f'wrote {out / "phema_study.png"}')
 PLOT
     ;;
+record)
+    $PY benchmarks/run_record.py "$RUN" $OUT --command "OMP_NUM_THREADS=$OMP_NUM_THREADS bash benchmarks/phema_study.sh train" \
+        --command "bash benchmarks/phema_study.sh eval" --command "bash benchmarks/phema_study.sh plot" \
+        --note "${NOTE:-}" ;;
 *)
-    echo "usage: bash benchmarks/phema_study.sh train|eval|plot" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/phema_study.sh train|eval|plot|record" >&2; exit 2 ;;
 esac
