@@ -43,11 +43,14 @@ def main(argv=None) -> int:
     except (OSError, ValueError, checkpoints.CheckpointError) as e:
         print(f'run_record.py: {args.run} is not a finished run folder: {e}', file=sys.stderr)
         return 1
+    from edm_lit import cli
+    with torch.device('meta'):  # shapes only
+        parameters = sum(q.numel() for q in cli.build_net(meta['model']).parameters())
     rates = [(b['nimg'] - a['nimg']) / (b['time'] - a['time'])
              for seg in segments(log) for a, b in zip(seg, seg[1:]) if b['time'] > a['time']]
     flags = ' '.join(f for f in ('avx512_bf16', 'amx_bf16') if f in Path('/proc/cpuinfo').read_text())
     record = dict(commands=args.command, hardware=f'{os.cpu_count()}-core {cpu_name()} ({flags}), no GPU',
-                  torch=torch.__version__, omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
+                  torch=torch.__version__, parameters=parameters, omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
                   steps=meta.get('step', log[-1]['step']), nimg=meta['nimg'],
                   batch=meta.get('config', {}).get('batch_size'),
                   wall_seconds=round(sum(seg[-1]['time'] for seg in segments(log)), 1),

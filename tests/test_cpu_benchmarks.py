@@ -140,7 +140,7 @@ def test_run_record_sums_the_processes_and_takes_the_median_rate(tmp_path):
     wall time is the sum of both, images/s the median over logging intervals, the log is copied; no run: a message."""
     import run_record
     run, out = tmp_path / 'run', tmp_path / 'out'
-    _tiny_model(run, step=6)
+    net = _tiny_model(run, step=6)
     log = [dict(step=s, nimg=10 * s, loss=1.0, time=t) for s, t in
            [(2, 1.0), (4, 2.0), (6, 3.0), (8, 103.0), (10, 5.0), (12, 6.0), (14, 7.0)]]
     (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in log))
@@ -150,6 +150,7 @@ def test_run_record_sums_the_processes_and_takes_the_median_rate(tmp_path):
     rec = json.loads((out / 'run.json').read_text())
     # intervals: 20 images in 1 s (x2), 20 in 100 s (the pause), then 20 in 1 s (x2): median 20 images/s
     assert rec['images_per_second'] == 20.0 and rec['wall_seconds'] == 103.0 + 7.0
+    assert rec['parameters'] == sum(p.numel() for p in net.parameters())
     assert rec['steps'] == 6 and rec['nimg'] == 60 and rec['commands'] == ['edm-lit train X'] and rec['note'] == 'a pause at step 8'
     assert (out / 'metrics.jsonl').read_text() == (run / 'metrics.jsonl').read_text()
     r = _script('run_record.py', tmp_path / 'nothing', out)
