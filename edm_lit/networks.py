@@ -214,10 +214,11 @@ class FourierEmbedding(torch.nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 # %% ../notebooks/07_architectures.ipynb #3cd59d05
-class _UNet(torch.nn.Module):
-    """The skeleton that SongUNet and DhariwalUNet share: checked sizes, the encoder / decoder tree
-    under the official module names, the input checks and the pass with skip connections. Derived in
-    chapter 7."""
+class _UNetChecks(torch.nn.Module):
+    """What SongUNet and DhariwalUNet check: their sizes when built, F's inputs when called.
+
+    Derived in chapter 7.
+    """
     def __init__(self, config):
         super().__init__()
         # JSON-able kwargs
@@ -236,6 +237,38 @@ class _UNet(torch.nn.Module):
             )
         self.num_levels = len(mult)
 
+    def _check_inputs(self, x, noise_labels, class_labels, augment_labels):
+        """Validate F's inputs; class labels None -> zeros; label dropout in training. Derived in
+        chapter 7."""
+        factor = 2 ** (self.num_levels - 1)
+        if x.ndim != 4 or x.shape[1] != self.in_channels or any(s % factor for s in x.shape[2:]):
+            raise ValueError(
+                f'x must have shape (N, {self.in_channels}, H, W) with H and W divisible by '
+                f'{2 ** (self.num_levels - 1)}, got {tuple(x.shape)}')
+        N, noise_labels = x.shape[0], torch.as_tensor(noise_labels, device=x.device).reshape(-1)
+        if len(noise_labels) not in (1, N):
+            raise ValueError(f'noise_labels must hold 1 or {N} values, got {len(noise_labels)}')
+        labels = (('label', class_labels, self.label_dim),
+                  ('augment', augment_labels, self.augment_dim))
+        for name, lab, dim in labels:
+            if lab is not None and (dim == 0 or lab.ndim != 2 or lab.shape[1] != dim
+                                    or lab.shape[0] not in (1, N)):
+                raise ValueError(
+                    f'{"class" if name == "label" else name}_labels must have shape ({N}, {dim}) or '
+                    f'(1, {dim}) for this network ({name}_dim={dim}), got {tuple(lab.shape)}')
+        if self.label_dim and class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        # for classifier-free guidance
+        if class_labels is not None and self.training and self.label_dropout:
+            keep = torch.rand([N, 1], device=x.device) >= self.label_dropout
+            class_labels = class_labels * keep.to(class_labels.dtype)
+        return noise_labels, class_labels, augment_labels
+
+# %% ../notebooks/07_architectures.ipynb #513dc9b4
+class _UNet(_UNetChecks):
+    """The skeleton that SongUNet and DhariwalUNet share: the encoder / decoder tree under the
+    official module names and the pass with skip connections. Derived in chapter 7."""
+
     def _build(self, stem, channels, num_blocks, attn_resolutions, block, attn_dec_all=False,
                residual=None):
         """Build enc / dec (level l: img_resolution / 2^l, channels[l]); attn_dec_all: attention in
@@ -251,13 +284,13 @@ class _UNet(torch.nn.Module):
             else:
                 self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block)
                 if residual:  # NCSN++: a strided conv of the previous level, averaged in
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True,
-                                                                   **residual)
+                    aux = Conv2d(caux, cout, kernel=3, down=True, **residual)
+                    self.enc[f'{res}x{res}_aux_residual'] = aux
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, ch
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res
-                                                                in attn_resolutions, **block)
+                attn = res in attn_resolutions
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block)
         skips = [b.out_channels for name, b in self.enc.items() if 'aux' not in name]
         # the mirror image, each block fed one skip
         for level, ch in reversed(list(enumerate(channels))):
@@ -273,32 +306,6 @@ class _UNet(torch.nn.Module):
                 attn = res in attn_resolutions and (attn_dec_all or idx == num_blocks)
                 self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block)
         return cout
-
-    def _check_inputs(self, x, noise_labels, class_labels, augment_labels):
-        """Validate F's inputs; class labels None -> zeros; label dropout in training. Derived in
-        chapter 7."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels or any(s % 2**(self.num_levels - 1)
-                                                                for s in x.shape[2:]):
-            raise ValueError(
-                f'x must have shape (N, {self.in_channels}, H, W) with H and W divisible by '
-                f'{2 ** (self.num_levels - 1)}, got {tuple(x.shape)}')
-        N, noise_labels = x.shape[0], torch.as_tensor(noise_labels, device=x.device).reshape(-1)
-        if len(noise_labels) not in (1, N):
-            raise ValueError(f'noise_labels must hold 1 or {N} values, got {len(noise_labels)}')
-        for name, lab, dim in (('label', class_labels, self.label_dim), ('augment', augment_labels,
-                                                                         self.augment_dim)):
-            if lab is not None and (dim == 0 or lab.ndim != 2 or lab.shape[1] != dim
-                                    or lab.shape[0] not in (1, N)):
-                raise ValueError(
-                    f'{"class" if name == "label" else name}_labels must have shape ({N}, {dim}) or '
-                    f'(1, {dim}) for this network ({name}_dim={dim}), got {tuple(lab.shape)}')
-        if self.label_dim and class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        # for classifier-free guidance
-        if class_labels is not None and self.training and self.label_dropout:
-            keep = torch.rand([N, 1], device=x.device) >= self.label_dropout
-            class_labels = class_labels * keep.to(class_labels.dtype)
-        return noise_labels, class_labels, augment_labels
 
     def _run(self, x, emb):
         """Encoder, then decoder: every encoder output is kept for one decoder block. Derived in
