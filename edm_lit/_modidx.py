@@ -338,6 +338,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'edm_lit.train.local_batches': ('training.html#local_batches', 'edm_lit/train.py'),
                                'edm_lit.train.make_optimizer': ('training.html#make_optimizer', 'edm_lit/train.py'),
                                'edm_lit.train.optimizer_step': ('training.html#optimizer_step', 'edm_lit/train.py'),
+                               'edm_lit.train.prepare': ('training.html#prepare', 'edm_lit/train.py'),
                                'edm_lit.train.redistribute_capacity': ('training.html#redistribute_capacity', 'edm_lit/train.py'),
                                'edm_lit.train.training_loop': ('training.html#training_loop', 'edm_lit/train.py'),
-                               'edm_lit.train.update_ema': ('training.html#update_ema', 'edm_lit/train.py')}}}
+                               'edm_lit.train.update_ema': ('training.html#update_ema', 'edm_lit/train.py'),
+                               'edm_lit.train.write_tick': ('training.html#write_tick', 'edm_lit/train.py')}}}

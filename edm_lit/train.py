@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import checkpoints as ckpt
 from . import runs
@@ -22,8 +23,8 @@ from . import runs
 __all__ = ['STREAM_INIT', 'STREAM_DATA', 'STREAM_STEP', 'PRECISIONS', 'TRAJECTORY', 'PAPER_NIMG', 'SONG_BATCH', 'LADDER',
            'LADDER_ARCH', 'ema_beta', 'update_ema', 'learning_rate', 'derive_seed', 'epoch_permutation',
            'batch_indices', 'local_batches', 'TrainConfig', 'TrainingDiverged', 'init_distributed',
-           'accumulate_gradients', 'optimizer_step', 'global_mean', 'is_due', 'make_optimizer', 'training_loop',
-           'redistribute_capacity', 'ladder_settings']
+           'accumulate_gradients', 'optimizer_step', 'global_mean', 'is_due', 'make_optimizer', 'prepare', 'write_tick',
+           'training_loop', 'redistribute_capacity', 'ladder_settings']
 
 # %% ../notebooks/09_training.ipynb #d567fbb5
 def ema_beta(cur_nimg: int, batch_size: int, ema_halflife_nimg: float,
@@ -198,8 +199,8 @@ def init_distributed(device=None) -> tuple[torch.device, int, int]:
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if device is None:
         cuda = torch.cuda.is_available()
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK',
-                                                         '0'))) if cuda else torch.device('cpu')
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
     device = torch.device(device)
     if world_size > 1 and not torch.distributed.is_initialized():
         if device.type == 'cuda': torch.cuda.set_device(device)
@@ -207,7 +208,7 @@ def init_distributed(device=None) -> tuple[torch.device, int, int]:
     rank = torch.distributed.get_rank() if world_size > 1 else 0
     return device, rank, world_size
 
-
+# %% ../notebooks/09_training.ipynb #37ec6cc5
 def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_dim=0,
                          augment_pipe=None):
     """Forward and backward over this rank's accumulation rounds; returns the mean per-element loss
@@ -224,8 +225,10 @@ def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_di
             flip = (torch.rand(len(idx)) < 0.5).to(device)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if config.channels_last: images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.nn.functional.one_hot(dataset.labels[idx], label_dim).to(device, torch.float32) \
-            if label_dim else None
+        labels = None
+        if label_dim:
+            labels = torch.nn.functional.one_hot(dataset.labels[idx], label_dim)
+            labels = labels.to(device, torch.float32)
         last = i == len(rounds) - 1
         sync = net.no_sync() if not last and hasattr(net, 'no_sync') else contextlib.nullcontext()
         with sync:  # DDP all-reduces the gradients on the last round only
@@ -235,7 +238,7 @@ def accumulate_gradients(net, loss_fn, dataset, rounds, device, config, label_di
         total = total + loss.detach().float().mean() * (len(idx) / per_rank)
     return total
 
-
+# %% ../notebooks/09_training.ipynb #ea682060
 def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
                    grad_clip: float | None = None) -> None:
     """Set the learning rate, replace NaN/inf gradients (nan -> 0, +-inf -> +-1e5), clip the
@@ -278,33 +281,54 @@ def make_optimizer(net: torch.nn.Module, config: TrainConfig,
                             fused=fused or None)
 
 
-def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, meta=None,
-                  label_dim=0, augment_pipe=None, resume=None, device=None, callback=None,
-                  grid_fn=None, progress=True):
-    """Train the denoiser `net` on `dataset` with `loss_fn`; returns (ema, history of metric
-    records).
+def prepare(net, config: TrainConfig, device, world_size: int, resume=None):
+    """Put `net` in training mode on `device`; make its EMA copy and Adam; restore all three (and
+    the RNG-free trajectory settings, checked) from `resume`. Returns (ema, optimizer, start step).
 
-    The official training loop, step by step: seeded batches, accumulated gradients, lr ramp-up,
-    gradient NaN guard, Adam, EMA; every tick a loss check (a NaN/inf loss raises TrainingDiverged
-    before anything is written), metrics and — on rank 0 only — checkpoints and `grid_fn(ema,
-    png_path)` sample grids in `run_dir`, a folder that belongs to this run alone
-    (`runs.start_run`). `resume` names a checkpoint to continue exactly from (never pruned);
-    `callback(step)` runs after every step. Derived in chapter 9.
+    Official training loop, 'Construct network' to 'Resume training'. Derived in chapter 9.
     """
-    device, rank, world_size = init_distributed(device)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     config.check_world(world_size)
     net.train().requires_grad_(True).to(device)
     if config.channels_last: net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer, start, last = make_optimizer(net, config, device), 0, resume
+    optimizer, start = make_optimizer(net, config, device), 0
     if resume is not None:
-        start, _ = ckpt.restore_training_state(
-            resume, net, ema, optimizer, {k: getattr(config, k)
-                                          for k in TRAJECTORY},
-            defaults={f.name: f.default
-                      for f in fields(TrainConfig)})
+        trajectory = {k: getattr(config, k) for k in TRAJECTORY}
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        start, _ = ckpt.restore_training_state(resume, net, ema, optimizer, trajectory,
+                                               defaults=defaults)
+    return ema, optimizer, start
+
+
+def write_tick(run_dir, record, final, net, ema, optimizer, meta, config, resume, grid_fn):
+    """Rank 0's writes at a tick: the metrics line, a checkpoint when due (returned, else None) and
+    a sample grid when due. Derived in chapter 9."""
+    done, saved = record['step'], None
+    runs.append_metrics(run_dir, record)
+    if final or is_due(done, config.checkpoint_every):
+        saved = ckpt.save_training_state(run_dir, done, net, ema, optimizer,
+                                         dict(meta, nimg=record['nimg']), config.keep,
+                                         protect=resume)
+    if grid_fn is not None and is_due(done, config.grid_every):
+        grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
+    return saved
+
+
+# %% ../notebooks/09_training.ipynb #bae03781
+def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, meta=None,
+                  label_dim=0, augment_pipe=None, resume=None, device=None, callback=None,
+                  grid_fn=None, progress=True):
+    """Train `net` on `dataset` with `loss_fn`; returns (ema, history of metric records).
+
+    The official training loop. Rank 0 writes metrics, checkpoints and `grid_fn(ema, png_path)`
+    grids to `run_dir` (this run's alone: `runs.start_run`); `resume` names a checkpoint to continue
+    exactly from (never pruned); `callback(step)` runs after every step. Derived in chapter 9.
+    """
+    device, rank, world_size = init_distributed(device)
+    ema, optimizer, start = prepare(net, config, device, world_size, resume)
+    last = resume
     meta = dict(meta or {}, config=asdict(config), world_size=world_size)
     # the run folder's lock, held for the loop and given back however it ends
     lock = contextlib.ExitStack()
@@ -312,17 +336,17 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
         lock.enter_context(runs.run_lock(run_dir))
         meta = runs.start_run(run_dir, meta, resume, start)  # run id, clean-up
     with lock:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
-            if world_size > 1 else net
+        ddp = net
+        if world_size > 1:
+            ids = [device] if device.type == 'cuda' else None
+            ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
         fwd = torch.compile(ddp) if config.compile else ddp
-        from tqdm.auto import tqdm
         bar = tqdm(total=config.total_steps, initial=start, disable=rank != 0 or not progress,
                    unit='step')
         acc, n_acc, t0, history = torch.zeros((), device=device), 0, time.time(), []
         for step in range(start, config.total_steps):
             cur_nimg = step * config.batch_size
-            # noise, dropout, augmentation
-            torch.manual_seed(derive_seed(config.seed, STREAM_STEP, step, rank))
+            torch.manual_seed(derive_seed(config.seed, STREAM_STEP, step, rank))  # noise, dropout, augm.
             rounds = local_batches(
                 batch_indices(step, config.batch_size, len(dataset), config.seed), rank, world_size,
                 config.batch_gpu)
@@ -343,24 +367,18 @@ def training_loop(net, loss_fn, dataset, config: TrainConfig, run_dir=None, *, m
             if not due: continue
             loss = global_mean(acc / n_acc, world_size)
             if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f'training loss is {loss} at step {done} (mean over steps {done - n_acc + 1}-{done})'
-                    f'; stopped without writing a checkpoint; last good checkpoint: {last or "none"}'
-                )
+                raise TrainingDiverged(f'training loss is {loss} at step {done} (mean over steps '
+                                       f'{done - n_acc + 1}-{done}); stopped without writing a '
+                                       f'checkpoint; last good checkpoint: {last or "none"}')
             record = dict(step=done, nimg=done * config.batch_size, loss=loss, lr=lr,
                           time=round(time.time() - t0, 3))
             history.append(record)
             bar.set_postfix(loss=f'{loss:.4f}')
             acc.zero_()
             n_acc = 0
-            if run_dir is None or rank != 0: continue
-            runs.append_metrics(run_dir, record)
-            if final or is_due(done, config.checkpoint_every):
-                last = ckpt.save_training_state(run_dir, done, net, ema, optimizer,
-                                                dict(meta, nimg=record['nimg']), config.keep,
-                                                protect=resume)
-            if grid_fn is not None and is_due(done, config.grid_every):
-                grid_fn(ema, Path(run_dir) / f'grid-{done:08d}.png')
+            if run_dir is not None and rank == 0:
+                last = write_tick(run_dir, record, final, net, ema, optimizer, meta, config, resume,
+                                  grid_fn) or last
         bar.close()
     return ema, history
 
