@@ -44,8 +44,7 @@ def main(argv=None) -> int:
         print(f'run_record.py: {args.run} is not a finished run folder: {e}', file=sys.stderr)
         return 1
     from edm_lit import cli
-    with torch.device('meta'):  # shapes only
-        parameters = sum(q.numel() for q in cli.build_net(meta['model']).parameters())
+    parameters = sum(q.numel() for q in cli.build_net(meta['model']).parameters())
     rates = [(b['nimg'] - a['nimg']) / (b['time'] - a['time'])
              for seg in segments(log) for a, b in zip(seg, seg[1:]) if b['time'] > a['time']]
     flags = ' '.join(f for f in ('avx512_bf16', 'amx_bf16') if f in Path('/proc/cpuinfo').read_text())
