@@ -8,8 +8,8 @@
 #     bash benchmarks/ladder.sh record       # each run's command, hardware, images/s and loss log beside them
 #
 # The knobs (environment): BASE (vp or ve), CHANNELS, NIMG (training images per config), N_EVAL (images per seed
-# range), RANGES (seed ranges per config). The defaults made book/results/ladder-vp: six runs of 100k images and 12
-# evals of 1,000 images fit in about 95 minutes on two CPU cores. --config scales the paper's durations (the
+# range), RANGES (seed ranges per config). The defaults made book/results/ladder-vp: six runs of 100k images (about
+# 95 minutes on two CPU cores) and 12 evals of 500 images (about 12 minutes). --config scales the paper's durations (the
 # learning-rate ramp-up or warm-up, the EMA half-life) by NIMG / 200M; the batch is 64 for configs B-F and a quarter
 # of it, 16, for config A (the paper: 512 and 128).
 set -euo pipefail
@@ -18,7 +18,7 @@ EDM=${EDM:-.venv/bin/edm-lit}
 BASE=${BASE:-vp}
 CHANNELS=${CHANNELS:-16}
 NIMG=${NIMG:-100k}
-N_EVAL=${N_EVAL:-1000}
+N_EVAL=${N_EVAL:-500}
 RANGES=${RANGES:-2}
 RUNS=${RUNS:-runs/ladder-$BASE}
 OUT=${OUT:-book/results/ladder-$BASE}
