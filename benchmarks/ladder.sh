@@ -9,9 +9,9 @@
 #
 # The knobs (environment): BASE (vp or ve), CHANNELS, NIMG (training images per config), N_EVAL (images per seed
 # range), RANGES (seed ranges per config). The defaults made book/results/ladder-vp: six runs of 100k images (about
-# 95 minutes on two CPU cores) and 12 evals of 500 images (about 12 minutes). --config scales the paper's durations (the
-# learning-rate ramp-up or warm-up, the EMA half-life) by NIMG / 200M; the batch is 64 for configs B-F and a quarter
-# of it, 16, for config A (the paper: 512 and 128).
+# 95 minutes on two CPU cores) and 12 evals of 500 images (about 12 minutes). --config scales the paper's durations
+# (the learning-rate ramp-up or warm-up, the EMA half-life) by NIMG / 200M; the batch is 64 for configs B-F and a
+# quarter of it, 16, for config A (the paper: 512 and 128).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 EDM=${EDM:-.venv/bin/edm-lit}
