@@ -143,3 +143,14 @@ def test_nbdev_directives_are_hidden_from_the_reader():
         assert [l for l in src.splitlines() if not l.startswith('#|')] == out.splitlines() or not out.strip()
         if not out.strip(): assert 'remove-cell' in after['metadata']['tags']
     assert any('#| export' in ''.join(c['source']) for c in nb['cells'])  # the notebook itself keeps them
+
+
+@pytest.mark.skipif(shutil.which('git') is None or not (ROOT / '.git').exists(),
+                    reason='not a git checkout')
+def test_no_file_the_book_reads_is_git_ignored():
+    """The chapters read committed records under book/results; a file there that .gitignore hides exists on the
+    machine that made it and nowhere else (a `runs/` pattern once hid the ladder's run records from CI)."""
+    out = subprocess.run(['git', 'ls-files', '--others', '--ignored', '--exclude-standard', '--', 'book', 'notebooks'],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hidden = [p for p in out if '__pycache__' not in p and '.ipynb_checkpoints' not in p]
+    assert not hidden, f'ignored by .gitignore but read by the book: {hidden[:10]}'
